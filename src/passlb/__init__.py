@@ -1,0 +1,3 @@
+"""passlb: a passthrough Layer-4 network load balancer."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""The desired state: which backends of each service take new flows, and how.
+
+Pure: a function of the config, a health view and the clock value it is given.
+Drivers render a DesiredState into the data plane; the reconciler diffs two of
+them to know what to write.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from passlb.hashing.maglev import Ring
+from passlb.model import IPAddress, Service
+
+
+class BackendRole(enum.StrEnum):
+    ACTIVE = "active"  # in the ring: takes new flows
+    STANDBY = "standby"  # healthy backup not needed now (failover not triggered)
+    DRAINING = "draining"  # admin drain: no new flows, existing ones until the deadline
+    DOWN = "down"  # unhealthy and not serving (not even by fail-open)
+    DISABLED = "disabled"  # admin disabled: no new flows, existing ones removed
+
+
+@dataclass(frozen=True)
+class HealthStatus:
+    """What the health checker knows of one backend."""
+
+    healthy: bool
+    weight: int | None = None  # health-reported weight (0..1000), None when not reported
+    since: float = 0.0  # clock value of the last transition (for slow start)
+
+
+# (service name, backend key) -> status; a backend missing from the view counts
+# as healthy only when its service's check type is "none", else as unknown=down
+# until its first verdict ... see compute_desired for the exact rule.
+HealthView = Mapping[tuple[str, str], HealthStatus]
+
+# (service name, backend key) -> clock value at which the drain began
+DrainStarts = Mapping[tuple[str, str], float]
+
+
+@dataclass(frozen=True)
+class BackendDesired:
+    key: str  # Backend.key
+    address: IPAddress
+    port: int | None
+    weight: int  # the weight the ring was built with (0 when not in the ring)
+    role: BackendRole
+    healthy: bool
+    drain_deadline: float | None = None  # clock value after which its flows are cut
+    cut_flows: bool = False  # its existing flows must be removed now
+
+
+@dataclass(frozen=True)
+class ServiceDesired:
+    service: Service
+    seed: int  # jhash seed for this service's ring lookup
+    backends: tuple[BackendDesired, ...]  # every configured backend, in config order
+    ring: Ring | None  # slot -> index into `backends`; None: drop new flows
+
+    def backend(self, key: str) -> BackendDesired | None:
+        return next((b for b in self.backends if b.key == key), None)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    services: tuple[ServiceDesired, ...]
+
+    def service(self, name: str) -> ServiceDesired | None:
+        return next((s for s in self.services if s.service.name == name), None)

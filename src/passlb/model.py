@@ -1,0 +1,257 @@
+"""The validated configuration as immutable values.
+
+Everything here is pure data: the config loader builds it, the hashing core and
+the desired state read it, drivers render it. Nothing in this module does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+
+class Mode(enum.StrEnum):
+    DSR = "dsr"
+    NAT = "nat"
+    PROXY = "proxy"
+
+
+class Protocol(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+    TCP_UDP = "tcp+udp"
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        """The L4 protocols this setting covers, as nftables names them."""
+        return ("tcp", "udp") if self is Protocol.TCP_UDP else (self.value,)
+
+
+class Affinity(enum.StrEnum):
+    """Which fields of a flow pick its backend (as the cloud NLBs name them)."""
+
+    FIVE_TUPLE = "5-tuple"
+    CLIENT_IP_PROTO = "client-ip-proto"
+    CLIENT_IP = "client-ip"
+
+
+class AdminState(enum.StrEnum):
+    ENABLED = "enabled"
+    DRAIN = "drain"  # no new flows; existing ones run until idle or drain_timeout
+    DISABLED = "disabled"  # no new flows; existing ones are removed at once
+
+
+class PersistOnUnhealthy(enum.StrEnum):
+    """What happens to established flows on a backend that turns unhealthy."""
+
+    DEFAULT = "default"  # TCP flows persist, UDP flows move (connectionless)
+    NEVER = "never"
+    ALWAYS = "always"
+
+
+class AllUnhealthy(enum.StrEnum):
+    FAIL_OPEN = "fail-open"  # every enabled backend serves, as cloud NLBs do
+    DROP = "drop"
+
+
+class HealthType(enum.StrEnum):
+    TCP = "tcp"
+    HTTP = "http"
+    HTTPS = "https"
+    UDP = "udp"
+    TLS = "tls"
+    EXEC = "exec"
+    NONE = "none"
+
+
+class ProxyProtocol(enum.StrEnum):
+    NONE = "none"
+    V1 = "v1"
+    V2 = "v2"
+
+
+class Balance(enum.StrEnum):
+    """Backend choice; only the proxy mode offers more than the Maglev ring."""
+
+    MAGLEV = "maglev"
+    ROUND_ROBIN = "round-robin"
+    LEAST_CONN = "least-conn"
+
+
+class SniFallback(enum.StrEnum):
+    DEFAULT_POOL = "default-pool"
+    CLOSE = "close"
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+DEFAULT_POOL = "default"
+DEFAULT_RING_SIZE = 65537
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class PortSet:
+    """The service ports: sorted, non-overlapping ranges, or every port."""
+
+    ranges: tuple[PortRange, ...] = ()
+    all_ports: bool = False
+
+    def __contains__(self, port: object) -> bool:
+        if not isinstance(port, int) or not 0 < port < 65536:
+            return False
+        return self.all_ports or any(port in r for r in self.ranges)
+
+    def overlaps(self, other: PortSet) -> bool:
+        if self.all_ports or other.all_ports:
+            return True
+        return any(a.first <= b.last and b.first <= a.last for a in self.ranges for b in other.ranges)
+
+    @property
+    def is_single(self) -> bool:
+        return not self.all_ports and len(self.ranges) == 1 and self.ranges[0].first == self.ranges[0].last
+
+    def __str__(self) -> str:
+        return "all" if self.all_ports else ",".join(str(r) for r in self.ranges)
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    type: HealthType = HealthType.TCP
+    port: int | None = None  # None: the backend's port (or the service port)
+    interval: float = 2.0  # seconds
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    # http / https
+    method: str = "GET"
+    path: str = "/"
+    host: str | None = None
+    expect_status: tuple[int, ...] = (200,)
+    body_match: str | None = None
+    verify_tls: bool = False
+    server_name: str | None = None  # SNI for https / tls checks
+    # udp
+    request: bytes | None = None
+    expect: bytes | None = None
+    # exec
+    command: tuple[str, ...] = ()
+    # dsr: probe the backend's own address (default) or the VIP through it
+    probe_vip: bool = False
+    # Recovered backends ramp up to full weight over this many seconds (0: at once).
+    slow_start: float = 0.0
+
+
+@dataclass(frozen=True)
+class Backend:
+    address: IPAddress
+    port: int | None = None  # nat / proxy only
+    weight: int = 1
+    backup: bool = False
+    admin: AdminState = AdminState.ENABLED
+    pool: str = DEFAULT_POOL  # proxy SNI routing picks a pool by server name
+    health: HealthSpec | None = None  # overrides the service's check
+
+    @property
+    def key(self) -> str:
+        """The stable identity of a backend within its service.
+
+        Frozen format, never to change: it feeds the Maglev permutation, so every
+        passlb node (and every version) must derive the same key from the same
+        config. "198.18.2.11", "198.18.2.11:8080", "[2001:db8::1]:8080".
+        """
+        if self.port is None:
+            return str(self.address)
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ConnTracking:
+    tcp_timeout: float = 300.0  # idle seconds before a TCP flow is forgotten
+    udp_timeout: float = 30.0
+    persist_on_unhealthy: PersistOnUnhealthy = PersistOnUnhealthy.DEFAULT
+    flow_table_size: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class SniRoute:
+    server_names: tuple[str, ...]  # exact "a.example.com" or wildcard "*.example.com"
+    pool: str
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    proxy_protocol: ProxyProtocol = ProxyProtocol.NONE
+    transparent: bool = False  # IP_TRANSPARENT: needs root and policy routing
+    balance: Balance = Balance.MAGLEV
+    sni_routes: tuple[SniRoute, ...] = ()
+    sni_fallback: SniFallback = SniFallback.DEFAULT_POOL
+    sni_timeout: float = 5.0
+    max_connections: int | None = None
+    max_connections_per_backend: int | None = None
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    max_udp_sessions: int = 65536
+    trust_inbound_proxy_protocol: bool = False
+    allow_clients: tuple[IPNetwork, ...] = ()  # empty: everyone
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    vip: IPAddress
+    protocol: Protocol
+    ports: PortSet
+    mode: Mode
+    backends: tuple[Backend, ...]
+    health: HealthSpec = field(default_factory=HealthSpec)
+    affinity: Affinity = Affinity.FIVE_TUPLE
+    target_port: int | None = None  # nat / proxy: VIP port -> this port (single-port services)
+    conntrack: ConnTracking = field(default_factory=ConnTracking)
+    drain_timeout: float = 30.0
+    all_unhealthy: AllUnhealthy = AllUnhealthy.FAIL_OPEN
+    failover_ratio: float = 0.0
+    ring_size: int = DEFAULT_RING_SIZE
+    hash_seed: int | None = None  # None: derived from the service name (see hashing)
+    snat: bool = False  # nat only: masquerade towards backends (client IP is lost)
+    proxy: ProxyOptions | None = None  # proxy only
+
+    def backend(self, key: str) -> Backend | None:
+        return next((b for b in self.backends if b.key == key), None)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    listen: str = "127.0.0.1:9180"  # host:port, or unix:/path
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    services: tuple[Service, ...]
+    interfaces: tuple[str, ...] = ()  # empty: auto-detect at start
+    api: ApiSettings = field(default_factory=ApiSettings)
+    log_level: str = "info"
+    log_format: LogFormat = LogFormat.TEXT
+
+    def service(self, name: str) -> Service | None:
+        return next((s for s in self.services if s.name == name), None)
