@@ -1,0 +1,253 @@
+"""Client helpers that talk to the lab's echo servers (`passlb.lab.servers`).
+
+Plain blocking sockets, bounded in count and time; meant to run inside a
+client namespace through `lab.call(client.ns, tcp_requests, vip, 80, 10)`.
+Every request opens a new connection (or a new UDP socket), so each has its
+own source port and is a new flow for the load balancer. A failed request
+gives an entry {"error": "<exception>"} instead of a reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import ssl
+import struct
+import time
+from collections import Counter
+from typing import Any
+
+MAX_REQUESTS = 10_000
+MAX_SECONDS = 120.0
+MAX_LINE = 65536
+
+Reply = dict[str, Any]
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _check_bounds(count: int = 1, seconds: float = 0.0) -> None:
+    if not 0 <= count <= MAX_REQUESTS:
+        raise ValueError(f"count {count} is not in 0..{MAX_REQUESTS}")
+    if not 0 <= seconds <= MAX_SECONDS:
+        raise ValueError(f"seconds {seconds} is not in 0..{MAX_SECONDS}")
+
+
+def _error(exc: BaseException) -> Reply:
+    return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(data)} bytes, before a line")
+        data += chunk
+        if len(data) > MAX_LINE:
+            raise ValueError("reply line too long")
+    return data.split(b"\n", 1)[0]
+
+
+def tcp_requests(host: str, port: int, count: int, timeout: float = 2.0) -> list[Reply]:
+    """`count` TCP connections, each returning the server's greeting line."""
+    _check_bounds(count)
+    replies = []
+    for _ in range(count):
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                replies.append(json.loads(_read_line(sock)))
+        except (OSError, ValueError) as exc:
+            replies.append(_error(exc))
+    return replies
+
+
+def tls_requests(
+    host: str, port: int, count: int, server_name: str, ca_file: str, timeout: float = 2.0
+) -> list[Reply]:
+    """`count` TLS connections verified against `ca_file` for `server_name`."""
+    _check_bounds(count)
+    context = ssl.create_default_context(cafile=ca_file)
+    replies = []
+    for _ in range(count):
+        try:
+            with (
+                socket.create_connection((host, port), timeout=timeout) as raw,
+                context.wrap_socket(raw, server_hostname=server_name) as sock,
+            ):
+                reply = json.loads(_read_line(sock))
+                reply["tls_version"] = sock.version()
+                replies.append(reply)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            replies.append(_error(exc))
+    return replies
+
+
+def udp_requests(host: str, port: int, count: int, timeout: float = 2.0) -> list[Reply]:
+    """`count` datagrams, each from a new socket; a reply counts only when it
+    comes from `host` (the socket is connected), as for a real client."""
+    _check_bounds(count)
+    replies = []
+    for seq in range(count):
+        try:
+            with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect((host, port))
+                sock.send(f"seq={seq}".encode())
+                replies.append(json.loads(sock.recv(65535).split(b"\n", 1)[0]))
+        except (OSError, ValueError) as exc:
+            replies.append(_error(exc))
+    return replies
+
+
+def tcp_stream(
+    host: str, port: int, seconds: float, chunk: int = 16384, timeout: float = 2.0
+) -> dict[str, Any]:
+    """Keep one connection echoing for `seconds`; report the backend, the bytes
+    sent and echoed back intact, and the error that ended it early, if any."""
+    _check_bounds(seconds=seconds)
+    result: dict[str, Any] = {"backend": None, "sent": 0, "received": 0, "rounds": 0, "errors": []}
+    started = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            result["backend"] = json.loads(_read_line(sock)).get("backend")
+            while time.monotonic() - started < seconds:
+                # The round number in every chunk catches reordered or stale echoes.
+                payload = struct.pack("!Q", result["rounds"]).ljust(chunk, b"x")
+                sock.sendall(payload)
+                result["sent"] += len(payload)
+                echoed = _recv_exactly(sock, len(payload))
+                if echoed != payload:
+                    raise ValueError(f"round {result['rounds']}: the echo differs from the data")
+                result["received"] += len(echoed)
+                result["rounds"] += 1
+    except (OSError, ValueError) as exc:
+        result["errors"].append(_error(exc)["error"])
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    parts, remaining = [], size
+    while remaining:
+        part = sock.recv(min(remaining, 1 << 20))
+        if not part:
+            raise ConnectionError(f"connection closed with {remaining} echo bytes missing")
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
+
+
+def udp_stream(
+    host: str, port: int, seconds: float, interval: float = 0.01, timeout: float = 1.0
+) -> dict[str, Any]:
+    """Send a numbered datagram every `interval` from one socket (one flow) for
+    `seconds`; report which backend answered each one and which were lost."""
+    _check_bounds(seconds=seconds)
+    if interval <= 0:
+        raise ValueError("interval must be positive")
+    answered_by: dict[int, str] = {}
+    errors: list[str] = []
+    sent = 0
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
+        sock.connect((host, port))
+        sock.setblocking(False)
+        started = time.monotonic()
+        next_send = started
+        end_of_sending = started + seconds
+        deadline = end_of_sending + timeout
+        while (now := time.monotonic()) < deadline:
+            if now >= next_send and now < end_of_sending:
+                try:
+                    sock.send(f"seq={sent}".encode())
+                except OSError as exc:
+                    errors.append(f"send seq={sent}: {exc}")
+                sent += 1
+                next_send += interval
+            wake = next_send if next_send < end_of_sending else deadline
+            readable, _, _ = select.select([sock], [], [], max(0.0, wake - time.monotonic()))
+            if readable:
+                _collect_udp_replies(sock, answered_by, errors)
+            if sent and len(answered_by) == sent and time.monotonic() >= end_of_sending:
+                break
+    backends = [answered_by.get(seq) for seq in range(sent)]
+    return {
+        "sent": sent,
+        "received": len(answered_by),
+        "lost": [seq for seq, backend in enumerate(backends) if backend is None],
+        "backends": backends,
+        "by_backend": dict(Counter(b for b in backends if b is not None)),
+        "errors": errors,
+    }
+
+
+def _collect_udp_replies(
+    sock: socket.socket, answered_by: dict[int, str], errors: list[str]
+) -> None:
+    while True:
+        try:
+            data = sock.recv(65535)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+            errors.append(f"recv: {exc}")
+            continue
+        try:
+            reply = json.loads(data.split(b"\n", 1)[0])
+            seq = int(str(reply["echo"]).removeprefix("seq="))
+            answered_by[seq] = str(reply["backend"])
+        except (ValueError, KeyError) as exc:
+            errors.append(f"bad reply {data[:80]!r}: {exc}")
+
+
+def ping(host: str, count: int = 1, timeout: float = 1.0) -> list[float | None]:
+    """ICMP echo `count` times (needs root: raw socket); the round-trip time in
+    seconds of each, None where no reply came within `timeout`."""
+    _check_bounds(count)
+    v6 = _family(host) == socket.AF_INET6
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    request_type, reply_type = (128, 129) if v6 else (8, 0)
+    ident = os.getpid() & 0xFFFF
+    rtts: list[float | None] = []
+    with socket.socket(_family(host), socket.SOCK_RAW, proto) as sock:
+        for seq in range(count):
+            payload = b"passlb-lab"
+            header = struct.pack("!BBHHH", request_type, 0, 0, ident, seq)
+            if not v6:  # the kernel fills in the ICMPv6 checksum itself (RFC 3542)
+                checksum = _internet_checksum(header + payload)
+                header = struct.pack("!BBHHH", request_type, 0, checksum, ident, seq)
+            sent_at = time.monotonic()
+            sock.sendto(header + payload, (host, 0))
+            replied_at = _await_echo_reply(sock, v6, reply_type, ident, seq, sent_at + timeout)
+            rtts.append(None if replied_at is None else replied_at - sent_at)
+    return rtts
+
+
+def _await_echo_reply(
+    sock: socket.socket, v6: bool, reply_type: int, ident: int, seq: int, deadline: float
+) -> float | None:
+    while (remaining := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], remaining)
+        if not readable:
+            return None
+        packet = sock.recv(65535)
+        # IPv4 raw sockets deliver the IP header too; IPv6 ones do not.
+        icmp = packet if v6 else packet[(packet[0] & 0x0F) * 4 :]
+        if len(icmp) >= 8:
+            kind, _, _, got_ident, got_seq = struct.unpack("!BBHHH", icmp[:8])
+            if (kind, got_ident, got_seq) == (reply_type, ident, seq):
+                return time.monotonic()
+    return None
+
+
+def _internet_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
