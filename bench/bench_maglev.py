@@ -1,0 +1,102 @@
+"""Maglev ring benchmark: build and diff times; writes its section of docs/benchmarks.md.
+
+Run: .venv/bin/python bench/bench_maglev.py  (a few seconds; not part of the tests)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from passlb.hashing.maglev import build_ring
+
+RUNS = 7
+START, END = "<!-- maglev:start -->", "<!-- maglev:end -->"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+# (backends, ring size). The ring must hold >= 100 slots per backend (the Maglev
+# paper's 1 % bound), so 1000 backends need 100003 slots, not 65537.
+CASES = ((10, 65537), (100, 65537), (655, 65537), (1000, 100003))
+
+
+def median_ms(action: Callable[[], object]) -> float:
+    times = []
+    for _ in range(RUNS):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def backends(n: int) -> list[tuple[str, int]]:
+    return [(f"198.18.{i // 250}.{i % 250 + 1}", 1) for i in range(n)]
+
+
+def measure(n: int, size: int) -> str:
+    everyone = backends(n)
+    build = median_ms(lambda: build_ring(everyone, size))
+    before = build_ring(everyone, size)
+    # One backend leaves: same indexes for the others, so Ring.diff compares owners.
+    leaving = [(key, 0 if i == 0 else weight) for i, (key, weight) in enumerate(everyone)]
+    after = build_ring(leaving, size)
+    diff = median_ms(lambda: before.diff(after))
+    changed = len(before.diff(after))
+    return f"| {n} | {size} | {build:.1f} | {diff:.2f} | {changed} ({100 * changed / size:.2f} %) |"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
+
+
+def section(rows: list[str]) -> str:
+    today = datetime.date.today().isoformat()
+    return "\n".join(
+        [
+            START,
+            "## Maglev ring",
+            "",
+            f"`bench/bench_maglev.py`, {today}, {machine()}; median of {RUNS} runs.",
+            "Build: `build_ring` for N equal-weight backends. Diff: `Ring.diff` after one",
+            "backend leaves (its slots plus Maglev's small extra disruption).",
+            "",
+            "| backends | slots | build (ms) | diff (ms) | slots changed |",
+            "|---:|---:|---:|---:|---:|",
+            *rows,
+            END,
+        ]
+    )
+
+
+def write_section(text: str) -> None:
+    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if START in current and END in current:
+        head, rest = current.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        updated = head + text + tail
+    else:
+        updated = current.rstrip("\n") + "\n\n" + text + "\n"
+    DOC.write_text(updated)
+
+
+def main() -> None:
+    rows = [measure(n, size) for n, size in CASES]
+    text = section(rows)
+    print(text)
+    write_section(text)
+    print(f"\nwritten to {DOC}")
+
+
+if __name__ == "__main__":
+    main()
