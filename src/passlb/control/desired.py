@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -140,6 +141,13 @@ def compute_desired(
     )
 
 
+@functools.lru_cache(maxsize=1024)  # at most ~128 MiB of 65537-slot rings
+def _cached_ring(backends: tuple[tuple[str, int], ...], size: int) -> Ring:
+    """Rings are immutable and costly (tens of ms): every apply recomputes the
+    whole desired state, but only a changed pool needs a new ring."""
+    return build_ring(backends, size)
+
+
 def update_drain_starts(
     config: Config, drains: DrainStarts, now: float
 ) -> dict[tuple[str, str], float]:
@@ -175,7 +183,9 @@ def _service_desired(
         weights = {}
     in_ring = [weights.get(i, 0) for i in range(len(backends))]
     ring = (
-        build_ring([(b.key, w) for b, w in zip(backends, in_ring, strict=True)], service.ring_size)
+        _cached_ring(
+            tuple((b.key, w) for b, w in zip(backends, in_ring, strict=True)), service.ring_size
+        )
         if any(in_ring)
         else None
     )

@@ -1,0 +1,239 @@
+"""The reconciler: keeps every driver's data plane equal to the desired state.
+
+Inputs arrive as events (config loaded, health transition, admin change); each
+marks the state dirty. The loop coalesces bursts, computes the desired state
+once, and hands each driver the services of its mode. It also wakes up for
+time-driven changes (drain deadlines, slow-start ramps), resyncs fully every
+`resync_interval`, and retries with a full resync after a failed apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from passlb.control.desired import (
+    BackendRole,
+    DesiredState,
+    HealthStatus,
+    HealthView,
+    compute_desired,
+    diff_desired,
+    update_drain_starts,
+)
+from passlb.dataplane.base import Driver
+from passlb.errors import PasslbError
+from passlb.model import AdminState, Config, Mode
+
+log = logging.getLogger("passlb.reconciler")
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class ApplyRecord:
+    at: float  # wall-clock time
+    duration: float
+    full: bool
+    changes: str  # a one-line summary of the diff
+    error: str | None = None
+
+
+@dataclass
+class ReconcilerStats:
+    applies: int = 0
+    apply_failures: int = 0
+    last_apply: ApplyRecord | None = None
+    history: list[ApplyRecord] = field(default_factory=list)
+
+
+def with_admin_overrides(config: Config, overrides: Mapping[tuple[str, str], AdminState]) -> Config:
+    """The config with runtime admin states (drain/enable/disable) applied."""
+    if not overrides:
+        return config
+    services = []
+    for svc in config.services:
+        backends = tuple(
+            dataclasses.replace(b, admin=overrides.get((svc.name, b.key), b.admin))
+            for b in svc.backends
+        )
+        services.append(dataclasses.replace(svc, backends=backends))
+    return dataclasses.replace(config, services=tuple(services))
+
+
+def assume_all_healthy(config: Config) -> dict[tuple[str, str], HealthStatus]:
+    """Every backend healthy: what `explain` asks about, and what a starting
+    daemon assumes until checks say otherwise (so a restart never empties the
+    ring it adopts from the kernel)."""
+    return {
+        (s.name, b.key): HealthStatus(healthy=True) for s in config.services for b in s.backends
+    }
+
+
+def split_by_mode(state: DesiredState) -> dict[Mode, DesiredState]:
+    by_mode: dict[Mode, DesiredState] = {}
+    for mode in Mode:
+        services = tuple(s for s in state.services if s.service.mode is mode)
+        by_mode[mode] = DesiredState(services=services)
+    return by_mode
+
+
+def next_wakeup(state: DesiredState, now: float, slow_start_tick: float = 1.0) -> float | None:
+    """When the desired state changes by itself: a drain deadline, or a weight ramp."""
+    times: list[float] = []
+    for svc in state.services:
+        for b in svc.backends:
+            if b.role is BackendRole.DRAINING and b.drain_deadline is not None and not b.cut_flows:
+                times.append(b.drain_deadline)
+        if svc.service.health.slow_start > 0 and any(
+            b.role is BackendRole.ACTIVE for b in svc.backends
+        ):
+            times.append(now + slow_start_tick)
+    return min(times) if times else None
+
+
+class Reconciler:
+    def __init__(
+        self,
+        config: Config,
+        drivers: Mapping[Mode, Driver],
+        *,
+        clock: Clock = time.monotonic,
+        resync_interval: float = 60.0,
+        retry_delay: float = 1.0,
+        coalesce_delay: float = 0.02,
+    ) -> None:
+        self.config = config
+        self.drivers = drivers
+        self.clock = clock
+        self.resync_interval = resync_interval
+        self.retry_delay = retry_delay
+        self.coalesce_delay = coalesce_delay
+        self.health: dict[tuple[str, str], HealthStatus] = {}
+        self.admin_overrides: dict[tuple[str, str], AdminState] = {}
+        self.drain_starts: dict[tuple[str, str], float] = {}
+        self.applied: DesiredState | None = None
+        self.desired: DesiredState | None = None
+        self.stats = ReconcilerStats()
+        self._dirty = asyncio.Event()
+        self._need_full = True
+        self._note_drains()
+
+    # -- inputs ---------------------------------------------------------------
+
+    def set_config(self, config: Config) -> None:
+        """Take a validated config; unchanged services keep their flows (diff apply)."""
+        self.config = config
+        live = {(s.name, b.key) for s in config.services for b in s.backends}
+        for gone in [k for k in self.admin_overrides if k not in live]:
+            del self.admin_overrides[gone]
+        self._note_drains()
+        self._dirty.set()
+
+    def set_health(self, service: str, backend: str, status: HealthStatus) -> None:
+        self.health[(service, backend)] = status
+        self._dirty.set()
+
+    def replace_health(self, view: HealthView) -> None:
+        self.health = dict(view)
+        self._dirty.set()
+
+    def set_admin(self, service: str, backend: str, state: AdminState) -> None:
+        """A runtime admin change; raises KeyError when there is no such backend."""
+        svc = self.config.service(service)
+        if svc is None or svc.backend(backend) is None:
+            raise KeyError(f"no backend {backend!r} in service {service!r}")
+        self.admin_overrides[(service, backend)] = state
+        self._note_drains()
+        self._dirty.set()
+
+    def request_full_resync(self) -> None:
+        self._need_full = True
+        self._dirty.set()
+
+    def effective_config(self) -> Config:
+        return with_admin_overrides(self.config, self.admin_overrides)
+
+    def _note_drains(self) -> None:
+        self.drain_starts = update_drain_starts(
+            self.effective_config(), self.drain_starts, self.clock()
+        )
+
+    # -- applying -------------------------------------------------------------
+
+    def compute(self) -> DesiredState:
+        return compute_desired(
+            self.effective_config(), self.health, self.drain_starts, self.clock()
+        )
+
+    def apply_once(self, *, full: bool = False) -> ApplyRecord:
+        """Compute the desired state and push it to every driver. Never raises."""
+        full = full or self._need_full
+        started = time.perf_counter()
+        desired = self.compute()
+        self.desired = desired
+        diff = diff_desired(self.applied, desired)
+        changes = str(diff)
+        error: str | None = None
+        try:
+            for mode, part in split_by_mode(desired).items():
+                driver = self.drivers.get(mode)
+                if driver is None:
+                    if part.services:
+                        raise PasslbError(f"no {mode} driver on this machine")
+                    continue
+                driver.sync(part, full=full)
+        except PasslbError as err:
+            error = str(err)
+        record = ApplyRecord(
+            at=time.time(),
+            duration=time.perf_counter() - started,
+            full=full,
+            changes=changes,
+            error=error,
+        )
+        self.stats.applies += 1
+        self.stats.last_apply = record
+        self.stats.history = [*self.stats.history[-49:], record]
+        if error is None:
+            self.applied = desired
+            self._need_full = False
+            log.info(
+                "apply ok full=%s duration_ms=%.1f changes=%s",
+                full,
+                record.duration * 1000,
+                changes,
+            )
+        else:
+            self.stats.apply_failures += 1
+            self._need_full = True
+            log.error("apply failed full=%s error=%s", full, error)
+        return record
+
+    async def run(self) -> None:
+        """Apply on every change, at deadlines, periodically; retry after failures."""
+        last_full = self.clock()
+        self._dirty.set()
+        while True:
+            now = self.clock()
+            wake = [last_full + self.resync_interval]
+            if self.desired is not None and (t := next_wakeup(self.desired, now)) is not None:
+                wake.append(t)
+            timeout = max(0.0, min(wake) - now)
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout)
+                await asyncio.sleep(self.coalesce_delay)  # let a burst of events settle
+            except TimeoutError:
+                pass
+            self._dirty.clear()
+            full = self.clock() - last_full >= self.resync_interval
+            record = self.apply_once(full=full)
+            if record.full and record.error is None:
+                last_full = self.clock()
+            if record.error is not None:
+                await asyncio.sleep(self.retry_delay)
+                self._dirty.set()

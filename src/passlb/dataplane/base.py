@@ -1,0 +1,88 @@
+"""The one small interface every data plane driver (dsr, nat, proxy) offers.
+
+The reconciler hands a driver the whole desired state of the services in its
+mode; the driver makes the data plane match it in one atomic step (kernel
+drivers: one nft transaction) and keeps what it last applied so the next sync
+writes only what changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from passlb.control.desired import DesiredState
+from passlb.model import IPAddress
+
+
+@dataclass(frozen=True)
+class BackendCounters:
+    packets: int = 0  # client -> backend packets forwarded (dsr: the only direction we see)
+    bytes: int = 0
+    new_flows: int = 0
+    active_flows: int = 0  # entries in the flow table / conntrack / open proxy sessions
+
+
+@dataclass(frozen=True)
+class ServiceCounters:
+    backends: dict[str, BackendCounters] = field(default_factory=dict)  # by Backend.key
+    dropped: int = 0  # packets of new flows dropped (no backend to take them)
+
+    @property
+    def total(self) -> BackendCounters:
+        vals = self.backends.values()
+        return BackendCounters(
+            packets=sum(b.packets for b in vals),
+            bytes=sum(b.bytes for b in vals),
+            new_flows=sum(b.new_flows for b in vals),
+            active_flows=sum(b.active_flows for b in vals),
+        )
+
+
+@dataclass(frozen=True)
+class Flow:
+    service: str
+    backend: str  # Backend.key
+    protocol: str  # "tcp" | "udp"
+    src: IPAddress
+    src_port: int
+    dst: IPAddress
+    dst_port: int
+    expires_in: float | None = None  # seconds until idle expiry, when the data plane knows
+    # dsr IPv6 flow tables keep a 32-bit hash of the client address, not the address:
+    # then src is "::" and this holds the hash.
+    src_hash: int | None = None
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    full: bool  # a full resync (first sync, after a failure, or periodic) rather than a delta
+    operations: int  # objects/elements written
+    duration: float  # seconds
+
+
+class Driver(Protocol):
+    """A data plane. Every method may raise passlb.errors.DataplaneError."""
+
+    name: str
+
+    def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
+        """Make the data plane forward as `desired` says, in one atomic step.
+
+        Services absent from `desired` are removed. Established flows to backends
+        that stay are never disturbed. Backends whose BackendDesired.cut_flows is
+        set lose their existing flows. After any failure the next sync is full.
+        """
+        ...
+
+    def counters(self) -> dict[str, ServiceCounters]:
+        """Counters by service name, read from the data plane itself."""
+        ...
+
+    def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
+        """The current flows, read from the data plane's flow table."""
+        ...
+
+    def close(self, *, cleanup: bool = False) -> None:
+        """Stop managing. Kernel drivers leave forwarding in place unless cleanup."""
+        ...

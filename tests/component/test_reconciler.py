@@ -1,0 +1,205 @@
+"""The reconciler against a recording driver: what reaches the data plane, and when."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from ipaddress import ip_address
+
+import pytest
+
+from passlb.control.desired import BackendRole, DesiredState, HealthStatus
+from passlb.control.reconciler import Reconciler, assume_all_healthy, next_wakeup
+from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
+from passlb.errors import DataplaneError
+from passlb.model import (
+    AdminState,
+    Backend,
+    Config,
+    HealthSpec,
+    HealthType,
+    Mode,
+    PortRange,
+    PortSet,
+    Protocol,
+    Service,
+)
+
+
+class RecordingDriver:
+    """A Driver that remembers every sync and can be told to fail."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.syncs: list[tuple[DesiredState, bool]] = []
+        self.fail_next = 0
+
+    def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise DataplaneError("kernel said no")
+        self.syncs.append((desired, full))
+        return ApplyResult(full=full, operations=1, duration=0.0)
+
+    def counters(self) -> dict[str, ServiceCounters]:
+        return {}
+
+    def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
+        return []
+
+    def close(self, *, cleanup: bool = False) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def service(name: str, mode: Mode, *addresses: str, drain_timeout: float = 10.0) -> Service:
+    return Service(
+        name=name,
+        vip=ip_address("198.18.0.10"),
+        protocol=Protocol.TCP,
+        ports=PortSet((PortRange(443, 443),)),
+        mode=mode,
+        backends=tuple(Backend(ip_address(a)) for a in addresses),
+        health=HealthSpec(type=HealthType.NONE),
+        ring_size=1009,
+        drain_timeout=drain_timeout,
+    )
+
+
+def make(
+    *services: Service, drivers: dict[Mode, RecordingDriver] | None = None
+) -> tuple[Reconciler, dict[Mode, RecordingDriver], Clock]:
+    config = Config(services=services)
+    drivers = drivers or {Mode.DSR: RecordingDriver()}
+    clock = Clock()
+    rec = Reconciler(config, drivers, clock=clock, coalesce_delay=0.0, retry_delay=0.0)
+    rec.replace_health(assume_all_healthy(config))
+    return rec, drivers, clock
+
+
+def roles(state: DesiredState, name: str) -> dict[str, BackendRole]:
+    sd = state.service(name)
+    assert sd is not None
+    return {b.key: b.role for b in sd.backends}
+
+
+def test_first_apply_is_full_then_deltas() -> None:
+    rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12"))
+    assert rec.apply_once().error is None
+    rec.set_health("web", "198.18.2.12", HealthStatus(healthy=False))
+    assert rec.apply_once().error is None
+    (_, first_full), (second, second_full) = drivers[Mode.DSR].syncs
+    assert (first_full, second_full) == (True, False)
+    assert roles(second, "web")["198.18.2.12"] is BackendRole.DOWN
+
+
+def test_each_driver_gets_only_its_services() -> None:
+    drivers = {Mode.DSR: RecordingDriver(), Mode.PROXY: RecordingDriver()}
+    rec, _, _ = make(
+        service("a", Mode.DSR, "198.18.2.11"),
+        dataclasses.replace(
+            service("b", Mode.PROXY, "198.18.2.12"), ports=PortSet((PortRange(80, 80),))
+        ),
+        drivers=drivers,
+    )
+    rec.apply_once()
+    assert [s.service.name for s in drivers[Mode.DSR].syncs[0][0].services] == ["a"]
+    assert [s.service.name for s in drivers[Mode.PROXY].syncs[0][0].services] == ["b"]
+
+
+def test_a_mode_without_driver_fails_the_apply_by_name() -> None:
+    rec, _, _ = make(service("n", Mode.NAT, "198.18.2.11"))
+    record = rec.apply_once()
+    assert record.error == "no nat driver on this machine"
+    assert rec.stats.apply_failures == 1
+
+
+def test_failure_keeps_applied_state_and_forces_full_retry() -> None:
+    rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12"))
+    rec.apply_once()
+    applied = rec.applied
+    drivers[Mode.DSR].fail_next = 1
+    rec.set_health("web", "198.18.2.11", HealthStatus(healthy=False))
+    failed = rec.apply_once()
+    assert failed.error == "kernel said no"
+    assert rec.applied is applied  # what the kernel still has
+    assert rec.apply_once().full  # the retry rewrites everything
+
+
+def test_drain_gets_deadline_then_cuts_flows() -> None:
+    rec, _, clock = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12", drain_timeout=5))
+    rec.set_admin("web", "198.18.2.11", AdminState.DRAIN)
+    state = rec.compute()
+    sd = state.service("web")
+    assert sd is not None
+    drained = sd.backend("198.18.2.11")
+    assert drained is not None
+    assert drained.role is BackendRole.DRAINING
+    assert drained.drain_deadline == clock.now + 5
+    assert not drained.cut_flows
+    assert next_wakeup(state, clock.now) == clock.now + 5
+    clock.now += 5
+    later = rec.compute().service("web")
+    assert later is not None
+    cut = later.backend("198.18.2.11")
+    assert cut is not None and cut.cut_flows
+
+
+def test_enable_ends_the_drain() -> None:
+    rec, _, _ = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12"))
+    rec.set_admin("web", "198.18.2.11", AdminState.DRAIN)
+    rec.set_admin("web", "198.18.2.11", AdminState.ENABLED)
+    assert rec.drain_starts == {}
+    assert roles(rec.compute(), "web")["198.18.2.11"] is BackendRole.ACTIVE
+
+
+def test_admin_change_for_unknown_backend_is_refused() -> None:
+    rec, _, _ = make(service("web", Mode.DSR, "198.18.2.11"))
+    with pytest.raises(KeyError, match=re.escape("no backend '198.18.2.99' in service 'web'")):
+        rec.set_admin("web", "198.18.2.99", AdminState.DRAIN)
+    assert rec.admin_overrides == {}
+
+
+def test_new_config_forgets_overrides_of_removed_backends() -> None:
+    rec, _, _ = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12"))
+    rec.set_admin("web", "198.18.2.11", AdminState.DISABLED)
+    rec.set_admin("web", "198.18.2.12", AdminState.DRAIN)
+    rec.set_config(Config(services=(service("web", Mode.DSR, "198.18.2.12"),)))
+    assert set(rec.admin_overrides) == {("web", "198.18.2.12")}
+
+
+async def test_run_coalesces_a_burst_into_few_applies() -> None:
+    rec, drivers, _ = make(service("web", Mode.DSR, *(f"198.18.2.{i}" for i in range(11, 21))))
+    rec.coalesce_delay = 0.05
+    task = asyncio.create_task(rec.run())
+    await asyncio.sleep(0.1)  # the start-up apply
+    for i in range(11, 21):
+        rec.set_health("web", f"198.18.2.{i}", HealthStatus(healthy=i % 2 == 0))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    syncs = drivers[Mode.DSR].syncs
+    assert len(syncs) == 2  # start-up + one for the whole burst
+    assert sum(r is BackendRole.ACTIVE for r in roles(syncs[-1][0], "web").values()) == 5
+
+
+async def test_run_retries_after_a_failure() -> None:
+    rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11"))
+    drivers[Mode.DSR].fail_next = 2
+    task = asyncio.create_task(rec.run())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert rec.stats.apply_failures == 2
+    assert drivers[Mode.DSR].syncs and drivers[Mode.DSR].syncs[0][1] is True
