@@ -123,11 +123,17 @@ class PortSet:
     def overlaps(self, other: PortSet) -> bool:
         if self.all_ports or other.all_ports:
             return True
-        return any(a.first <= b.last and b.first <= a.last for a in self.ranges for b in other.ranges)
+        return any(
+            a.first <= b.last and b.first <= a.last for a in self.ranges for b in other.ranges
+        )
 
     @property
     def is_single(self) -> bool:
-        return not self.all_ports and len(self.ranges) == 1 and self.ranges[0].first == self.ranges[0].last
+        return (
+            not self.all_ports
+            and len(self.ranges) == 1
+            and self.ranges[0].first == self.ranges[0].last
+        )
 
     def __str__(self) -> str:
         return "all" if self.all_ports else ",".join(str(r) for r in self.ranges)
@@ -148,6 +154,7 @@ class HealthSpec:
     expect_status: tuple[int, ...] = (200,)
     body_match: str | None = None
     verify_tls: bool = False
+    ca_file: str | None = None  # PEM bundle to verify against (None: system store)
     server_name: str | None = None  # SNI for https / tls checks
     # udp
     request: bytes | None = None
