@@ -95,9 +95,9 @@ def build_drivers(config: Config, interfaces: tuple[str, ...]) -> dict[Mode, Dri
 
 def cleanup_dataplane() -> None:
     """Remove every kernel table passlb installed (`passlb cleanup`)."""
-    from passlb.dataplane.nft.dsr import remove_tables
+    from passlb.dataplane.nft.dsr import DsrDriver
 
-    remove_tables()
+    DsrDriver(interfaces=()).cleanup()
 
 
 class Daemon:

@@ -1,0 +1,512 @@
+"""The dsr driver: nftables netdev ingress forwarding to backends' MACs (direct server return).
+
+The table (docs/dataplane-dsr.md draws it):
+
+    ingress_<if>  base chain per interface: ip/ip6 daddr . l4proto . dport vmap @dispatch4/6
+    dispatch4/6   VIP . proto . port(range) -> goto svc_<service>
+    svc_<service> 1. established: flow table hit -> refresh, count, fwd to that backend
+                  2. new: mark = ring slot (jhash with the service's seed) -> backend id
+                  3. record the flow (own rule: when the table is full only this rule fails)
+                  4. count, fwd to the backend out of the interface the packet came in on
+                  5. anything left (no ring: drop policy) is counted and dropped, never
+                     delivered to the load balancer itself
+    ring_<svc>    slot -> backend id;  backends4/6: id -> address;  pkts/newflows: id -> counter
+    flows_<svc>_<tcp|udp>  dynamic flow table, per transport so each has its own timeout
+
+Backend ids (the mark values) are stable: allocated once per (service, backend
+key), recovered from the element comments of backends4/6 when adopting a table,
+and not reused while flow entries still name them.
+
+nft 1.0.6 cannot write a map element from the packet path when the key spans
+more than 16 bytes (netlink_linearize asserts), so the IPv4 flow key is
+`saddr . sport . dport` (the VIP and protocol are fixed per map) and the IPv6
+key hashes the client address: `jhash ip6 saddr mod 0xffffffff seed S . sport . dport`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from passlb.control.desired import BackendDesired, DesiredState, ServiceDesired
+from passlb.dataplane.base import ApplyResult, BackendCounters, Flow, ServiceCounters
+from passlb.dataplane.nft.objects import Chain, Counter, CounterValue, Element, Set, Table
+from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge, same_declaration
+from passlb.dataplane.nft.transaction import Transaction
+from passlb.errors import DataplaneError
+from passlb.hashing.flowkey import hash_fields
+from passlb.hashing.maglev import Ring
+from passlb.model import IPAddress, PortSet
+
+DEFAULT_TABLE = "passlb"
+INGRESS_PRIORITY = -100  # before the default-priority (0) ingress filters of the host
+CLIENT_HASH_MOD = 0xFFFFFFFF  # IPv6 flow key: the client address hashed to 32 bits
+
+# Element comments on backends4/6 name the owner of each id: "<service>/<backend key>".
+# Backend keys never hold "/", so the last "/" splits them.
+_OWNER_SEP = "/"
+_SIMPLE_NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
+
+
+def ident(name: str) -> str:
+    """An nft-safe, collision-free identifier for a service or interface name."""
+    if _SIMPLE_NAME.fullmatch(name):
+        return name
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name)[:32]
+    return f"{cleaned}_{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+
+
+@dataclass(frozen=True)
+class ServiceNames:
+    """The nft object names of one service."""
+
+    ident: str
+
+    @staticmethod
+    def of(service: str) -> ServiceNames:
+        return ServiceNames(ident(service))
+
+    @property
+    def chain(self) -> str:
+        return f"svc_{self.ident}"
+
+    @property
+    def ring(self) -> str:
+        return f"ring_{self.ident}"
+
+    @property
+    def drop_counter(self) -> str:
+        return f"drop_{self.ident}"
+
+    def flows(self, transport: str) -> str:
+        return f"flows_{self.ident}_{transport}"
+
+
+def _family(address: IPAddress) -> int:
+    return address.version
+
+
+def _ip(family: int) -> str:
+    return "ip" if family == 4 else "ip6"
+
+
+def flow_key_expr(family: int, seed: int) -> str:
+    """The flow-table key expression of a service of this family."""
+    if family == 4:
+        return "ip saddr . th sport . th dport"
+    return f"jhash ip6 saddr mod {CLIENT_HASH_MOD} seed {seed:#x} . th sport . th dport"
+
+
+def _port_keys(ports: PortSet) -> list[str]:
+    if ports.all_ports:
+        return ["0-65535"]
+    return [str(r) for r in ports.ranges]
+
+
+def _ring_key_expr(sd: ServiceDesired) -> str:
+    fields = " . ".join(hash_fields(sd.service.affinity, _family(sd.service.vip)))
+    return f"jhash {fields} mod {sd.service.ring_size}"
+
+
+def _service_rules(sd: ServiceDesired, names: ServiceNames) -> list[str]:
+    svc = sd.service
+    family = _family(svc.vip)
+    ip = _ip(family)
+    key = flow_key_expr(family, sd.seed)
+    forward = f"fwd {ip} to meta mark map @backends{family} device iif"
+    timeouts = {"tcp": svc.conntrack.tcp_timeout, "udp": svc.conntrack.udp_timeout}
+    rules = []
+    for transport in svc.protocol.transports:
+        flows = names.flows(transport)
+        update = f"update @{flows} {{ {key} timeout {_seconds(timeouts[transport])} : meta mark }}"
+        rules.append(
+            f"meta l4proto {transport} meta mark set {key} map @{flows} {update} "
+            f"counter name meta mark map @pkts {forward}"
+        )
+    if sd.ring is not None:
+        rules.append(f"meta mark set {_ring_key_expr(sd)} seed {sd.seed:#x} map @{names.ring}")
+        for transport in svc.protocol.transports:
+            flows = names.flows(transport)
+            rules.append(
+                f"meta l4proto {transport} update @{flows} "
+                f"{{ {key} timeout {_seconds(timeouts[transport])} : meta mark }}"
+            )
+        rules.append(
+            f"counter name meta mark map @newflows counter name meta mark map @pkts {forward}"
+        )
+    rules.append(f'counter name "{names.drop_counter}" drop')
+    return rules
+
+
+def _seconds(value: float) -> str:
+    return f"{max(1, round(value))}s"
+
+
+# ring map name -> (ring bytes, backend ids, elements)
+RingCache = dict[str, tuple[bytes, tuple[int, ...], dict[tuple[str, ...], Element]]]
+
+
+def ring_elements(
+    name: str, ring: Ring, backend_ids: Sequence[int], cache: RingCache | None
+) -> dict[tuple[str, ...], Element]:
+    """slot -> backend id elements of a ring map, reused from `cache` when unchanged."""
+    slots, ids = ring.to_bytes(), tuple(backend_ids)
+    if cache is not None and name in cache and cache[name][:2] == (slots, ids):
+        return cache[name][2]
+    values = [str(bid) for bid in ids]
+    elements: dict[tuple[str, ...], Element] = {}
+    for slot, idx in enumerate(ring.slots):
+        elements[(str(slot),)] = Element(name, (str(slot),), values[idx])
+    if cache is not None:
+        cache[name] = (slots, ids, elements)
+    return elements
+
+
+def render(
+    desired: DesiredState,
+    ids: dict[tuple[str, str], int],
+    interfaces: Sequence[str],
+    table: Table,
+    ring_cache: RingCache | None = None,
+) -> Ruleset:
+    """The whole dsr table for `desired`; `ids` holds an id for every backend it names.
+
+    `ring_cache` keeps ring elements between calls: a ring that did not change
+    comes back as the very same dict, which `converge` skips without comparing
+    its (up to 65,537) elements.
+    """
+    rs = Ruleset(table)
+    for family in (4, 6):
+        ip = _ip(family)
+        rs.add_set(Set(f"backends{family}", "meta mark", f"{ip} daddr"))
+        rs.add_set(
+            Set(
+                f"dispatch{family}",
+                f"{ip} daddr . meta l4proto . th dport",
+                "verdict",
+                flags=("interval",),
+            )
+        )
+    pkts: list[Element] = []
+    new: list[Element] = []
+    for sd in desired.services:
+        svc = sd.service
+        names = ServiceNames.of(svc.name)
+        family = _family(svc.vip)
+        rs.add_chain(Chain(names.chain), _service_rules(sd, names))
+        rs.add_counter(Counter(names.drop_counter, comment=svc.name))
+        for transport in svc.protocol.transports:
+            for port in _port_keys(svc.ports):
+                rs.elements[f"dispatch{family}"][(str(svc.vip), transport, port)] = Element(
+                    f"dispatch{family}", (str(svc.vip), transport, port), f"goto {names.chain}"
+                )
+            rs.add_set(
+                Set(
+                    names.flows(transport),
+                    flow_key_expr(family, sd.seed),
+                    "meta mark",
+                    flags=("dynamic", "timeout"),
+                    size=svc.conntrack.flow_table_size,
+                    comment=svc.name,
+                )
+            )
+        backend_ids = [ids[(svc.name, b.key)] for b in sd.backends]
+        for b, bid in zip(sd.backends, backend_ids, strict=True):
+            owner = f"{svc.name}{_OWNER_SEP}{b.key}"
+            rs.elements[f"backends{family}"][(str(bid),)] = Element(
+                f"backends{family}", (str(bid),), str(b.address), comment=owner
+            )
+            rs.add_counter(Counter(f"pkts_{bid}", comment=owner))
+            rs.add_counter(Counter(f"new_{bid}", comment=owner))
+            pkts.append(Element("pkts", (str(bid),), f'"pkts_{bid}"'))
+            new.append(Element("newflows", (str(bid),), f'"new_{bid}"'))
+        if sd.ring is not None:
+            rs.sets[names.ring] = Set(names.ring, _ring_key_expr(sd), "meta mark", comment=svc.name)
+            rs.elements[names.ring] = ring_elements(names.ring, sd.ring, backend_ids, ring_cache)
+    rs.add_set(Set("pkts", "mark", "counter", typeof=False), pkts)
+    rs.add_set(Set("newflows", "mark", "counter", typeof=False), new)
+    for interface in interfaces:
+        rs.add_chain(
+            Chain(
+                f"ingress_{ident(interface)}",
+                type="filter",
+                hook="ingress",
+                priority=INGRESS_PRIORITY,
+                device=interface,
+                policy="accept",
+            ),
+            [
+                f"meta protocol {_ip(f)} meta l4proto {{ tcp, udp }} "
+                f"{_ip(f)} daddr . meta l4proto . th dport vmap @dispatch{f}"
+                for f in (4, 6)
+            ],
+        )
+    return rs
+
+
+@dataclass
+class _Owners:
+    """Backend ids: who holds which, and which are held back by leftover flow entries."""
+
+    ids: dict[tuple[str, str], int] = field(default_factory=dict)  # (service, key) -> id
+    reserved: set[int] = field(default_factory=set)
+
+    def owner(self, bid: int) -> tuple[str, str] | None:
+        return next((o for o, i in self.ids.items() if i == bid), None)
+
+    def assign(self, wanted: Iterable[tuple[str, str]]) -> set[int]:
+        """Give every wanted owner an id; forget the others. Returns the ids let go."""
+        wanted = list(wanted)
+        keep = set(wanted)
+        released = {i for o, i in self.ids.items() if o not in keep}
+        self.ids = {o: i for o, i in self.ids.items() if o in keep}
+        taken = set(self.ids.values()) | self.reserved | released
+        next_id = 1
+        for owner in wanted:
+            if owner in self.ids:
+                continue
+            while next_id in taken:
+                next_id += 1
+            self.ids[owner] = next_id
+            taken.add(next_id)
+        return released
+
+
+class DsrDriver:
+    """Driver "dsr": see the module docstring for the table it keeps."""
+
+    name = "dsr"
+
+    def __init__(
+        self,
+        interfaces: Sequence[str],
+        nft: NftBackend | None = None,
+        *,
+        table: str = DEFAULT_TABLE,
+    ) -> None:
+        if not interfaces:
+            raise DataplaneError("the dsr driver needs at least one interface")
+        if nft is None:
+            from passlb.dataplane.nft.runner import NftRunner  # the real kernel by default
+
+            nft = NftRunner()
+        self.interfaces = tuple(interfaces)
+        self.nft = nft
+        self.table = Table("netdev", table, comment="passlb dsr")
+        self._owners = _Owners()
+        self._adopted = False
+        self._applied: Ruleset | None = None  # what the kernel holds, when we are sure
+        self._desired: DesiredState | None = None
+        self._ring_cache: RingCache = {}
+
+    # -- sync -----------------------------------------------------------------------
+
+    def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
+        started = time.monotonic()
+        _check_services(desired)
+        full = full or self._applied is None
+        current = self.nft.read(self.table) if full else self._applied
+        if not self._adopted:
+            self._adopt(current)
+        released = self._owners.assign(
+            (sd.service.name, b.key) for sd in desired.services for b in sd.backends
+        )
+        rendered = render(desired, self._owners.ids, self.interfaces, self.table, self._ring_cache)
+        tx = converge(current, rendered, rewrite_rules=full)
+        cuts = self._flow_cuts(desired, current, rendered, released, full)
+        try:
+            written, cut = self._apply(tx, cuts)
+        except DataplaneError:
+            self._applied = None  # the next sync re-reads the kernel and rewrites everything
+            raise
+        self._applied = rendered if cut else None
+        self._desired = desired
+        return ApplyResult(full=full, operations=written, duration=time.monotonic() - started)
+
+    def _apply(self, tx: Transaction, cuts: list[Element]) -> tuple[int, bool]:
+        """Apply `tx` with the flow cuts in the same transaction, or without them if that
+        fails. Returns the operations written and whether the cuts were made."""
+        if not cuts:
+            self.nft.apply(tx)
+            return len(tx), True
+        with_cuts = tx.copy()
+        for elem in cuts:
+            with_cuts.add(elem)  # add first: an entry that expired meanwhile must not fail
+            with_cuts.delete(elem)
+        try:
+            self.nft.apply(with_cuts)
+            return len(with_cuts), True
+        except DataplaneError:
+            # A flow table at its size limit refuses the add half of an add+delete
+            # pair; apply the state without the cuts, the next (full) sync retries them.
+            self._owners.reserved |= {int(e.value or 0) for e in cuts}
+            self.nft.apply(tx)
+            return len(tx), False
+
+    def _adopt(self, current: Ruleset | None) -> None:
+        """Recover backend ids from a table a previous run left (kept forwarding meanwhile)."""
+        self._adopted = True
+        if current is None:
+            return
+        for family in (4, 6):
+            for elem in current.elements.get(f"backends{family}", {}).values():
+                if elem.comment and _OWNER_SEP in elem.comment:
+                    svc, key = elem.comment.rsplit(_OWNER_SEP, 1)
+                    self._owners.ids[(svc, key)] = int(elem.key[0])
+
+    def _flow_cuts(
+        self,
+        desired: DesiredState,
+        current: Ruleset | None,
+        rendered: Ruleset,
+        released: set[int],
+        full: bool,
+    ) -> list[Element]:
+        """Flow entries to delete: of cut backends, of backends gone, of unknown ids."""
+        previous = self._desired
+        cuts: list[Element] = []
+        live = set(self._owners.ids.values())
+        still_reserved: set[int] = set()
+        for sd in desired.services:
+            names = ServiceNames.of(sd.service.name)
+            cut_ids = {
+                self._owners.ids[(sd.service.name, b.key)]
+                for b in sd.backends
+                if b.cut_flows and (full or not _was_cut(previous, sd.service.name, b))
+            }
+            if not (cut_ids or released or full or self._owners.reserved):
+                continue
+            for transport in sd.service.protocol.transports:
+                flows = names.flows(transport)
+                if current is None or flows not in current.sets:
+                    continue
+                if not same_declaration(current.sets[flows], rendered.sets[flows]):
+                    continue  # a new or re-declared flow table holds nothing to cut
+                for elem in self.nft.read_elements(self.table, flows):
+                    bid = int(elem.value or 0)
+                    if bid in cut_ids or bid not in live:
+                        cuts.append(Element(flows, elem.key, elem.value))
+                        if bid not in live:
+                            still_reserved.add(bid)
+        self._owners.reserved = still_reserved
+        return cuts
+
+    # -- reads ----------------------------------------------------------------------
+
+    def counters(self) -> dict[str, ServiceCounters]:
+        values = self.nft.read_counters(self.table)
+        result: dict[str, ServiceCounters] = {}
+        for sd in self._known_services():
+            active = self._active_flows(sd)
+            backends: dict[str, BackendCounters] = {}
+            for b in sd.backends:
+                bid = self._owners.ids.get((sd.service.name, b.key))
+                if bid is None:
+                    continue
+                pkts = values.get(f"pkts_{bid}", CounterValue())
+                new = values.get(f"new_{bid}", CounterValue())
+                backends[b.key] = BackendCounters(
+                    packets=pkts.packets,
+                    bytes=pkts.bytes,
+                    new_flows=new.packets,
+                    active_flows=active.get(bid, 0),
+                )
+            drop = values.get(ServiceNames.of(sd.service.name).drop_counter, CounterValue())
+            result[sd.service.name] = ServiceCounters(backends=backends, dropped=drop.packets)
+        return result
+
+    def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
+        found: list[Flow] = []
+        for sd in self._known_services():
+            svc = sd.service
+            if service is not None and svc.name != service:
+                continue
+            names = ServiceNames.of(svc.name)
+            for transport in svc.protocol.transports:
+                for elem in self._flow_entries(names.flows(transport)):
+                    owner = self._owners.owner(int(elem.value or 0))
+                    if owner is None or owner[0] != svc.name:
+                        continue  # an entry of a backend already gone
+                    if backend is not None and owner[1] != backend:
+                        continue
+                    found.append(_decode_flow(svc.name, owner[1], transport, svc.vip, elem))
+        return found
+
+    def _known_services(self) -> tuple[ServiceDesired, ...]:
+        return self._desired.services if self._desired is not None else ()
+
+    def _active_flows(self, sd: ServiceDesired) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for transport in sd.service.protocol.transports:
+            for elem in self._flow_entries(ServiceNames.of(sd.service.name).flows(transport)):
+                bid = int(elem.value or 0)
+                counts[bid] = counts.get(bid, 0) + 1
+        return counts
+
+    def _flow_entries(self, flows: str) -> list[Element]:
+        if self._applied is not None and flows not in self._applied.sets:
+            return []
+        return self.nft.read_elements(self.table, flows)
+
+    # -- teardown -------------------------------------------------------------------
+
+    def close(self, *, cleanup: bool = False) -> None:
+        if cleanup:
+            self.cleanup()
+        self._applied = None
+
+    def cleanup(self) -> None:
+        """Delete the whole table (forwarding stops; flow tables are gone)."""
+        if self.nft.read(self.table) is not None:
+            tx = Transaction(self.table)
+            tx.delete(self.table)
+            self.nft.apply(tx)
+        self._applied = None
+        self._desired = None
+
+
+def _was_cut(previous: DesiredState | None, service: str, b: BackendDesired) -> bool:
+    if previous is None:
+        return False
+    sd = previous.service(service)
+    before = sd.backend(b.key) if sd is not None else None
+    return before is not None and before.cut_flows
+
+
+def _check_services(desired: DesiredState) -> None:
+    seen: dict[str, str] = {}
+    for sd in desired.services:
+        i = ident(sd.service.name)
+        if i in seen and seen[i] != sd.service.name:
+            raise DataplaneError(f"services {seen[i]!r} and {sd.service.name!r} share nft names")
+        seen[i] = sd.service.name
+        if sd.ring is not None and len(sd.ring) != sd.service.ring_size:
+            raise DataplaneError(
+                f"service {sd.service.name!r}: ring has {len(sd.ring)} slots, "
+                f"ring_size is {sd.service.ring_size}"
+            )
+
+
+def _decode_flow(service: str, backend: str, transport: str, vip: IPAddress, elem: Element) -> Flow:
+    client, sport, dport = elem.key
+    src: IPAddress
+    src_hash: int | None = None
+    if vip.version == 4:
+        src = IPv4Address(client)
+    else:
+        src, src_hash = IPv6Address(0), int(client)
+    return Flow(
+        service=service,
+        backend=backend,
+        protocol=transport,
+        src=src,
+        src_port=int(sport),
+        dst=ip_address(str(vip)),
+        dst_port=int(dport),
+        expires_in=elem.expires,
+        src_hash=src_hash,
+    )

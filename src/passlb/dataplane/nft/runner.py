@@ -1,0 +1,234 @@
+"""NftRunner: applies a Transaction with one libnftables call; reads tables back as JSON.
+
+The runner can work on another network namespace: libnftables binds its
+netlink socket when the context is created, so creating the context in a
+short-lived thread that has joined the namespace (setns affects only the
+calling thread) gives a context that talks to that namespace for good, while
+the rest of the process stays where it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import threading
+from typing import Any
+
+import nftables
+
+from passlb.dataplane.nft.objects import (
+    Chain,
+    Counter,
+    CounterValue,
+    Element,
+    Set,
+    Table,
+)
+from passlb.dataplane.nft.ruleset import Ruleset
+from passlb.dataplane.nft.transaction import Transaction
+from passlb.errors import DataplaneError
+
+_CLONE_NEWNET = 0x40000000
+_LOCATION = re.compile(r"^(?:[^:\s]*):(\d+):\d+(?:-\d+)?: ", re.MULTILINE)
+
+Json = dict[str, Any]
+
+
+def _context_in_netns(netns: str) -> nftables.Nftables:
+    libc = ctypes.CDLL(None, use_errno=True)
+    made: list[nftables.Nftables] = []
+    failure: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            made.append(nftables.Nftables())
+        except BaseException as exc:  # handed to the caller's thread below
+            failure.append(exc)
+
+    thread = threading.Thread(target=create, name=f"nft-netns-{netns}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise DataplaneError(f"cannot open nftables in netns {netns!r}: {failure[0]}")
+    return made[0]
+
+
+class NftRunner:
+    """The real nftables, in this network namespace or in the named one."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._nft = _context_in_netns(netns) if netns else nftables.Nftables()
+        self._lock = threading.Lock()  # one libnftables context is not thread-safe
+
+    # -- writes ---------------------------------------------------------------
+
+    def apply(self, tx: Transaction) -> None:
+        tx.raise_error()
+        script = tx.render()
+        if script:
+            self.run_script(script)
+
+    def run_script(self, script: str) -> str:
+        """Run nft text commands as one transaction; the output text on success."""
+        with self._lock:
+            self._nft.set_json_output(False)
+            rc, out, err = self._nft.cmd(script)
+        if rc != 0:
+            raise DataplaneError(_describe_failure(script, err))
+        return str(out)
+
+    # -- reads ------------------------------------------------------------------
+
+    def list_json(self, command: str) -> list[Json]:
+        """The objects of an nft `list` command, without the metainfo entry."""
+        with self._lock:
+            self._nft.set_json_output(True)
+            try:
+                rc, out, err = self._nft.cmd(command)
+            finally:
+                self._nft.set_json_output(False)
+        if rc != 0:
+            raise DataplaneError(f"nft {command!r} failed: {err.strip()}")
+        items: list[Json] = json.loads(out)["nftables"] if out else []
+        return [i for i in items if "metainfo" not in i]
+
+    def read(self, table: Table) -> Ruleset | None:
+        if not self._table_exists(table):
+            return None
+        # Listed piecewise: `list table` would also turn the rules into JSON, which
+        # nft 1.0.6 cannot do for some statements (it warns on stderr), and we do not
+        # read rules back anyway.
+        where = f"{table.family} {table.name}"
+        found = Ruleset(table, rules_known=False)
+        for item in self.list_json(f"list chains {table.family}"):
+            if "chain" in item and item["chain"]["table"] == table.name:
+                found.add_chain(_chain_from_json(item["chain"]))
+        for kind in ("sets", "maps"):
+            for item in self.list_json(f"list {kind} {table.family}"):
+                body = item.get("set") or item.get("map")
+                if body is not None and body["table"] == table.name:
+                    found.add_set(*_set_from_json(body))
+        for item in self.list_json(f"list counters table {where}"):
+            c = item["counter"]
+            found.add_counter(Counter(c["name"], c.get("comment")))
+            found.counter_values[c["name"]] = CounterValue(c["packets"], c["bytes"])
+        return found
+
+    def read_elements(self, table: Table, set_name: str) -> list[Element]:
+        for kind in ("map", "set"):
+            for item in self.list_json(f"list {kind} {table.family} {table.name} {set_name}"):
+                if kind in item:
+                    return _set_from_json(item[kind])[1]
+        raise DataplaneError(f"set {set_name!r} not found in table {table.name!r}")
+
+    def read_counters(self, table: Table) -> dict[str, CounterValue]:
+        items = self.list_json(f"list counters table {table.family} {table.name}")
+        return {
+            i["counter"]["name"]: CounterValue(i["counter"]["packets"], i["counter"]["bytes"])
+            for i in items
+            if "counter" in i
+        }
+
+    def _table_exists(self, table: Table) -> bool:
+        items = self.list_json(f"list tables {table.family}")
+        return any(i.get("table", {}).get("name") == table.name for i in items)
+
+
+def _describe_failure(script: str, err: str) -> str:
+    """nft's error text, with the script line it blames when nft names one."""
+    lines = script.splitlines()
+    message = err.strip() or "nft failed without a message"
+    m = _LOCATION.search(err)
+    if m and 1 <= int(m.group(1)) <= len(lines):
+        line = lines[int(m.group(1)) - 1]
+        return f"nft rejected line {m.group(1)}: {_shorten(line)}\n{message}"
+    return f"nft rejected the transaction ({len(lines)} lines):\n{message}"
+
+
+def _shorten(line: str, limit: int = 300) -> str:
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
+# -- JSON -> objects --------------------------------------------------------------
+
+
+def _chain_from_json(c: Json) -> Chain:
+    return Chain(
+        name=c["name"],
+        type=c.get("type"),
+        hook=c.get("hook"),
+        priority=c.get("prio"),
+        device=c.get("dev"),
+        policy=c.get("policy"),
+        comment=c.get("comment"),
+    )
+
+
+def _set_from_json(s: Json) -> tuple[Set, list[Element]]:
+    key = s["type"]
+    key_text = " . ".join(key) if isinstance(key, list) else str(key)
+    value = s.get("map")
+    flags = tuple(s.get("flags", ()))
+    decl = Set(
+        name=s["name"],
+        key=key_text,
+        value=value if isinstance(value, str) else None,
+        typeof=False,
+        flags=flags,
+        timeout=s.get("timeout"),
+        size=s.get("size"),
+        comment=s.get("comment"),
+    )
+    quote_values = value == "counter"
+    elements = [_element_from_json(s["name"], e, quote_values) for e in s.get("elem", ())]
+    return decl, elements
+
+
+def _element_from_json(set_name: str, e: Any, quote_values: bool) -> Element:
+    value: str | None = None
+    if isinstance(e, list):  # a map element: [key, value]
+        e, raw_value = e
+        value = _value_text(raw_value)
+        if quote_values:
+            value = f'"{value}"'
+    timeout = expires = None
+    comment = None
+    if isinstance(e, dict) and "elem" in e:
+        meta = e["elem"]
+        e = meta["val"]
+        timeout, expires, comment = meta.get("timeout"), meta.get("expires"), meta.get("comment")
+    parts = e["concat"] if isinstance(e, dict) and "concat" in e else [e]
+    return Element(
+        set=set_name,
+        key=tuple(_value_text(p) for p in parts),
+        value=value,
+        comment=comment,
+        timeout=timeout,
+        expires=expires,
+    )
+
+
+def _value_text(v: Any) -> str:
+    if isinstance(v, dict):
+        if "range" in v:
+            first, last = v["range"]
+            return f"{_value_text(first)}-{_value_text(last)}"
+        if "prefix" in v:
+            return f"{v['prefix']['addr']}/{v['prefix']['len']}"
+        for verdict in ("goto", "jump"):
+            if verdict in v:
+                return f"{verdict} {v[verdict]['target']}"
+        for verdict in ("accept", "drop", "continue", "return"):
+            if verdict in v:
+                return verdict
+    return str(v)

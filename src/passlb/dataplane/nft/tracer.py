@@ -1,0 +1,295 @@
+"""A packet tracer over a fake ruleset: what would nft do with this packet?
+
+Interprets the rule vocabulary our renderers write (kube-proxy's tracer habit:
+test behaviour, not text): header matches, concatenated lookups in maps and
+verdict maps (intervals included), `jhash ... mod N seed S` with the kernel
+twin, `update @set { key [timeout T] : value }` (which fails on a full set),
+named and mapped counters, `fwd`, `goto`/`jump`, `accept`/`drop`. A failed
+lookup ends the rule and the packet moves to the next one, as in the kernel.
+It mutates the ruleset it traces through: flow tables fill, counters count.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from ipaddress import ip_address
+
+from passlb.dataplane.nft.objects import CounterValue, Element
+from passlb.dataplane.nft.ruleset import Ruleset
+from passlb.hashing.flowkey import L4PROTO
+from passlb.hashing.jhash import nft_jhash
+
+_MAX_JUMPS = 16
+
+
+@dataclass(frozen=True)
+class Packet:
+    src: str
+    dst: str
+    proto: str  # "tcp" | "udp"
+    sport: int
+    dport: int
+    iif: str = "eth0"
+    length: int = 100
+
+    @property
+    def family(self) -> int:
+        return ip_address(self.src).version
+
+
+@dataclass
+class Trace:
+    verdict: str = "accept"  # "accept" | "drop" | "fwd"
+    fwd_to: str | None = None
+    fwd_device: str | None = None
+    mark: int = 0
+    chains: list[str] = field(default_factory=list)
+
+
+class TraceError(Exception):
+    """The tracer met rule text outside its vocabulary."""
+
+
+class _Break(Exception):
+    """A failed lookup or a full set: the rule stops, the next one runs."""
+
+
+class _Verdict(Exception):
+    def __init__(self, verdict: str, target: str | None = None) -> None:
+        self.verdict, self.target = verdict, target
+
+
+def trace(rs: Ruleset, packet: Packet, base_chain: str) -> Trace:
+    """Run `packet` through `base_chain` (and the chains it reaches)."""
+    result = Trace()
+    _Tracer(rs, packet, result).run_chain(base_chain, depth=0)
+    return result
+
+
+class _Tracer:
+    def __init__(self, rs: Ruleset, packet: Packet, result: Trace) -> None:
+        self.rs, self.pkt, self.result = rs, packet, result
+
+    def run_chain(self, name: str, depth: int) -> bool:
+        """True when a terminal verdict was reached."""
+        if depth > _MAX_JUMPS:
+            raise TraceError("chain nesting too deep")
+        self.result.chains.append(name)
+        for rule in self.rs.rules[name]:
+            try:
+                _RuleRun(self, rule.rule.split()).run()
+            except _Break:
+                continue
+            except _Verdict as v:
+                if v.verdict in ("goto", "jump") and v.target is not None:
+                    if self.run_chain(v.target, depth + 1) or v.verdict == "goto":
+                        return True
+                    continue
+                self.result.verdict = v.verdict
+                return True
+        return False
+
+    # -- header fields ----------------------------------------------------------
+
+    def field(self, name: str) -> tuple[str, bytes]:
+        """(canonical text, bytes as nft's registers hold them) of a packet field."""
+        p = self.pkt
+        family = p.family
+        if name in ("ip saddr", "ip6 saddr", "ip daddr", "ip6 daddr"):
+            if (name.startswith("ip6")) != (family == 6):
+                raise _Break
+            addr = ip_address(p.src if name.endswith("saddr") else p.dst)
+            return str(addr), addr.packed
+        if name in ("th sport", "th dport"):
+            port = p.sport if name == "th sport" else p.dport
+            return str(port), port.to_bytes(2, "big") + b"\0\0"
+        if name == "meta l4proto":
+            return p.proto, bytes([L4PROTO[p.proto]]) + b"\0\0\0"
+        if name == "meta protocol":
+            return ("ip" if family == 4 else "ip6"), b""
+        if name == "meta mark":
+            return str(self.result.mark), self.result.mark.to_bytes(4, "big")
+        if name == "iif":
+            return p.iif, b""
+        raise TraceError(f"unknown field {name!r}")
+
+
+class _RuleRun:
+    """Statements of one rule, read left to right from its tokens."""
+
+    def __init__(self, tracer: _Tracer, tokens: list[str]) -> None:
+        self.t = tracer
+        self.tokens = tokens
+        self.i = 0
+
+    def peek(self, offset: int = 0) -> str | None:
+        j = self.i + offset
+        return self.tokens[j] if j < len(self.tokens) else None
+
+    def take(self, expected: str | None = None) -> str:
+        tok = self.peek()
+        if tok is None or (expected is not None and tok != expected):
+            raise TraceError(f"expected {expected!r} at {tok!r} in {' '.join(self.tokens)!r}")
+        self.i += 1
+        return tok
+
+    def run(self) -> None:
+        while self.peek() is not None:
+            self.statement()
+
+    # -- expressions ------------------------------------------------------------
+
+    def concat(self) -> list[tuple[str, bytes]]:
+        parts = [self.term()]
+        while self.peek() == ".":
+            self.take(".")
+            parts.append(self.term())
+        return parts
+
+    def term(self) -> tuple[str, bytes]:
+        tok = self.take()
+        if tok == "jhash":
+            fields = self.concat()
+            self.take("mod")
+            modulus = int(self.take(), 0)
+            seed = 0
+            if self.peek() == "seed":
+                self.take("seed")
+                seed = int(self.take(), 0)
+            value = nft_jhash(b"".join(b for _, b in fields), modulus, seed)
+            return str(value), value.to_bytes(4, "big")
+        if tok in ("ip", "ip6", "th", "meta"):
+            return self.t.field(f"{tok} {self.take()}")
+        if tok == "iif":
+            return self.t.field("iif")
+        raise TraceError(f"unknown expression {tok!r}")
+
+    def set_ref(self) -> str:
+        tok = self.take()
+        if not tok.startswith("@"):
+            raise TraceError(f"expected @set, got {tok!r}")
+        return tok[1:]
+
+    def lookup(self, set_name: str, key: list[tuple[str, bytes]]) -> Element:
+        elements = self.t.rs.elements[set_name]
+        texts = tuple(k for k, _ in key)
+        found = elements.get(texts)
+        if found is None:
+            found = next((e for e in elements.values() if _interval_match(e.key, texts)), None)
+        if found is None:
+            raise _Break
+        return found
+
+    # -- statements -------------------------------------------------------------
+
+    def statement(self) -> None:
+        tok = self.peek()
+        if tok in ("accept", "drop"):
+            raise _Verdict(self.take())
+        if tok in ("goto", "jump"):
+            verdict = self.take()
+            raise _Verdict(verdict, self.take())
+        if tok == "counter":
+            self.counter()
+        elif tok == "update":
+            self.update()
+        elif tok == "fwd":
+            self.fwd()
+        elif tok == "meta" and self.peek(1) == "mark" and self.peek(2) == "set":
+            self.i += 3
+            key = self.concat()
+            if self.peek() == "map":
+                self.take("map")
+                value = self.lookup(self.set_ref(), key).value
+            else:
+                value = key[0][0]
+            self.t.result.mark = int(value or 0)
+        else:
+            self.match()
+
+    def match(self) -> None:
+        key = self.concat()
+        if self.peek() == "vmap":
+            self.take("vmap")
+            verdict = self.lookup(self.set_ref(), key).value or ""
+            raise _Verdict(*verdict.split())
+        if self.peek() == "{":
+            self.take("{")
+            wanted: set[str] = set()
+            while self.peek() != "}":
+                wanted.add(self.take().rstrip(","))
+            self.take("}")
+        else:
+            wanted = {self.take()}
+        if key[0][0] not in wanted:
+            raise _Break
+
+    def counter(self) -> None:
+        self.take("counter")
+        if self.peek() != "name":
+            return  # an anonymous counter: nothing to look at
+        self.take("name")
+        if self.peek() == "meta":
+            key = self.concat()
+            self.take("map")
+            name = (self.lookup(self.set_ref(), key).value or "").strip('"')
+        else:
+            name = self.take().strip('"')
+        values = self.t.rs.counter_values
+        if name not in self.t.rs.counters:
+            raise _Break
+        before = values.get(name, CounterValue())
+        values[name] = CounterValue(before.packets + 1, before.bytes + self.t.pkt.length)
+
+    def update(self) -> None:
+        self.take("update")
+        name = self.set_ref()
+        self.take("{")
+        key = self.concat()
+        timeout = None
+        if self.peek() == "timeout":
+            self.take("timeout")
+            timeout = float(self.take().rstrip("s"))
+        self.take(":")
+        value = self.concat()[0][0]
+        self.take("}")
+        s = self.t.rs.sets[name]
+        elements = self.t.rs.elements[name]
+        texts = tuple(k for k, _ in key)
+        if texts in elements:
+            elements[texts] = replace(elements[texts], expires=timeout)
+            return
+        if s.size is not None and len(elements) >= s.size:
+            raise _Break  # the kernel's dynset fails on a full set: the rule ends here
+        elements[texts] = Element(name, texts, value, timeout=timeout, expires=timeout)
+
+    def fwd(self) -> None:
+        self.take("fwd")
+        self.take()  # "ip" | "ip6": the address family of the next hop
+        self.take("to")
+        key = self.concat()
+        if self.peek() == "map":
+            self.take("map")
+            address = self.lookup(self.set_ref(), key).value
+        else:
+            address = key[0][0]
+        self.take("device")
+        device = self.concat()[0][0].strip('"')
+        self.t.result.fwd_to, self.t.result.fwd_device = address, device
+        raise _Verdict("fwd")
+
+
+def _interval_match(element_key: tuple[str, ...], key: tuple[str, ...]) -> bool:
+    if len(element_key) != len(key):
+        return False
+    for want, have in zip(element_key, key, strict=True):
+        if want == have:
+            continue
+        first, sep, last = want.partition("-")
+        if not (sep and first.isdigit() and last.isdigit() and have.isdigit()):
+            return False
+        if not int(first) <= int(have) <= int(last):
+            return False
+    return True
