@@ -15,6 +15,7 @@ reaches the backends in a PROXY protocol v2 header.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,12 @@ def _wait_for_daemon(lab: Lab, daemon: subprocess.Popen[Any], timeout: float = 1
     raise PasslbError("the passlb daemon did not apply its config in time")
 
 
+def _rx_packets(lab: Lab) -> int:
+    out = lab.run(lab.lb.ns, ["ip", "-j", "-s", "link", "show", lab.lb.interface]).stdout
+    packets: int = json.loads(out)[0]["stats64"]["rx"]["packets"]
+    return packets
+
+
 def _table(replies: Sequence[Reply], names: Sequence[str]) -> list[str]:
     by_backend: dict[str, list[Reply]] = collections.defaultdict(list)
     failed = 0
@@ -133,6 +140,7 @@ def run_dsr_demo(flows: int) -> int:
         )
         try:
             _wait_for_daemon(lab, daemon)
+            rx_before = _rx_packets(lab)
             tcp = lab.call(client.ns, tcp_requests, lab.vip4, TCP_PORT, flows)
             udp = lab.call(client.ns, udp_requests, lab.vip4, UDP_PORT, flows // 3)
             tls = lab.call(
@@ -147,10 +155,18 @@ def run_dsr_demo(flows: int) -> int:
                 "certificate verified by the client (the load balancer holds no key):"
             )
             _say("\n".join(_table(tls, names)))
+            received = _rx_packets(lab) - rx_before
+            forwarded = sum(
+                b["packets"]
+                for svc in lab.call(lab.lb.ns, _fetch_status)["services"]
+                for b in svc["backends"]
+            )
             _say(
                 "\nPassthrough: every backend saw the client's own address as its peer and"
-                f"\nthe VIP {lab.vip4} as its local address; replies went back through the"
-                "\nrouter, not through the load balancer (direct server return)."
+                f"\nthe VIP {lab.vip4} as its local address."
+                f"\nDirect server return: the load balancer's interface received {received}"
+                f"\npackets while passlb forwarded {forwarded} client packets; the backends'"
+                "\nreplies went to the client through the router, never through the load balancer."
             )
 
             victim = lab.backends[1]
@@ -163,9 +179,8 @@ def run_dsr_demo(flows: int) -> int:
             _say("\n".join(_table(after, names)))
             status = lab.run(lab.lb.ns, [sys.executable, "-m", "passlb.cli", "status"])
             _say("\n$ passlb status\n" + status.stdout)
-            ok = all("backend" in r for r in tcp + udp + tls) and not any(
-                r.get("backend") == victim.name for r in after
-            )
+            ok = received < 1.5 * forwarded and all("backend" in r for r in tcp + udp + tls)
+            ok = ok and not any(r.get("backend") == victim.name for r in after)
         finally:
             daemon.send_signal(signal.SIGTERM)
             try:
