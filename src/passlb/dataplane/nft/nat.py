@@ -1,0 +1,519 @@
+"""The nat driver: nftables DNAT with conntrack; the client address reaches the backend.
+
+One `inet` table holds both families, so a change to IPv4 and IPv6 services is
+still one nft transaction (docs/dataplane-nat.md draws the table):
+
+    prerouting    nat hook, dstnat: ip/ip6 daddr . l4proto . dport vmap @dispatch4/6
+    dispatch4/6   VIP . proto . port(range) -> goto svc_<service>
+    svc_<service> ct mark = backend id from the ring slot (jhash with the service's seed);
+                  count the new flow; dnat to the id's address (and port);
+                  no ring: count and drop
+    ring_<svc>    slot -> backend id
+    backends4/6   id -> address (services over port ranges or all ports: port kept)
+    endpoints4/6  id -> address . port (single-port services: target_port or backend port)
+    postrouting   nat hook, srcnat: masquerade flows of `snat` services (by id) and
+                  hairpin flows (a backend reaching a VIP, by source address)
+    forward       filter hook: per-backend packet/byte counters, client -> backend
+
+The nat chains see only the first packet of a connection; conntrack carries the
+rest, so established flows stay on their backend whatever the ring becomes. The
+ct mark stamped on each flow names its (service, backend), which lets the
+driver count and cut a backend's flows through ctnetlink by mark.
+
+Backend ids are stable: allocated once per (service, backend key), recovered
+from the element comments of backends4/6 and endpoints4/6 when adopting a
+table, and never reused while this driver runs (flows of a removed backend may
+still carry its mark).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from passlb.control.desired import BackendDesired, DesiredState, ServiceDesired
+from passlb.dataplane.base import ApplyResult, BackendCounters, Flow, ServiceCounters
+from passlb.dataplane.nft.conntrack import (
+    ConntrackTable,
+    CtEntry,
+    CtFilter,
+    NetlinkConntrack,
+)
+from passlb.dataplane.nft.dsr import ServiceNames, ident
+from passlb.dataplane.nft.objects import Chain, Counter, CounterValue, Element, Set, Table
+from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge
+from passlb.dataplane.nft.transaction import Transaction
+from passlb.errors import DataplaneError
+from passlb.hashing.flowkey import hash_fields
+from passlb.model import PortSet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLE = "passlb_nat"
+DSTNAT_PRIORITY = -100  # nft's "dstnat": after conntrack (-200), before routing
+SRCNAT_PRIORITY = 100  # nft's "srcnat"
+FORWARD_PRIORITY = 0
+
+# Element comments on backends/endpoints maps name each id's owner: "<service>/<backend key>".
+# Backend keys never hold "/", so the last "/" splits them.
+_OWNER_SEP = "/"
+_TARGET_MAPS = ("backends4", "backends6", "endpoints4", "endpoints6")
+
+Owner = tuple[str, str]  # (service name, backend key)
+
+
+def _ip(family: int) -> str:
+    return "ip" if family == 4 else "ip6"
+
+
+def _addr_type(family: int) -> str:
+    return "ipv4_addr" if family == 4 else "ipv6_addr"
+
+
+def maps_port(sd: ServiceDesired) -> bool:
+    """Single-port services map the port (target_port or a backend's port); others keep it."""
+    return sd.service.ports.is_single
+
+
+def backend_port(sd: ServiceDesired, b: BackendDesired) -> int | None:
+    """The port a backend receives on; None: the client's destination port, unchanged."""
+    if not maps_port(sd):
+        return None
+    return b.port or sd.service.target_port or sd.service.ports.ranges[0].first
+
+
+def _targets(sd: ServiceDesired) -> str:
+    kind = "endpoints" if maps_port(sd) else "backends"
+    return f"{kind}{sd.service.vip.version}"
+
+
+def _port_keys(ports: PortSet) -> list[str]:
+    return ["0-65535"] if ports.all_ports else [str(r) for r in ports.ranges]
+
+
+def _ring_key_expr(sd: ServiceDesired) -> str:
+    fields = " . ".join(hash_fields(sd.service.affinity, sd.service.vip.version))
+    return f"jhash {fields} mod {sd.service.ring_size}"
+
+
+def _service_rules(sd: ServiceDesired, names: ServiceNames) -> list[str]:
+    rules = []
+    if sd.ring is not None:
+        ip = _ip(sd.service.vip.version)
+        # The l4proto match lets nft accept a port in the dnat map value; the
+        # dispatch map already admitted only this service's transports.
+        rules.append(
+            f"meta l4proto {{ tcp, udp }} ct mark set {_ring_key_expr(sd)} seed {sd.seed:#x} "
+            f"map @{names.ring} counter name ct mark map @newflows "
+            f"dnat {ip} to ct mark map @{_targets(sd)}"
+        )
+    rules.append(f'counter name "{names.drop_counter}" drop')
+    return rules
+
+
+def render(desired: DesiredState, ids: dict[Owner, int], table: Table) -> Ruleset:
+    """The whole nat table for `desired`; `ids` holds an id for every backend it names."""
+    rs = Ruleset(table)
+    vips: dict[int, set[str]] = {4: set(), 6: set()}
+    hairpin: dict[int, set[str]] = {4: set(), 6: set()}
+    targets: dict[str, list[Element]] = {name: [] for name in _TARGET_MAPS}
+    dispatch: dict[int, list[Element]] = {4: [], 6: []}
+    snat_ids: list[Element] = []
+    pkts: list[Element] = []
+    new: list[Element] = []
+    for sd in desired.services:
+        svc = sd.service
+        family = svc.vip.version
+        names = ServiceNames.of(svc.name)
+        rs.add_chain(Chain(names.chain), _service_rules(sd, names))
+        rs.add_counter(Counter(names.drop_counter, comment=svc.name))
+        vips[family].add(str(svc.vip))
+        for transport in svc.protocol.transports:
+            for port in _port_keys(svc.ports):
+                key = (str(svc.vip), transport, port)
+                dispatch[family].append(Element(f"dispatch{family}", key, f"goto {names.chain}"))
+        target_map = _targets(sd)
+        for b in sd.backends:
+            bid = ids[(svc.name, b.key)]
+            owner = f"{svc.name}{_OWNER_SEP}{b.key}"
+            mapped = backend_port(sd, b)
+            value = str(b.address) if mapped is None else f"{b.address} . {mapped}"
+            targets[target_map].append(Element(target_map, (str(bid),), value, comment=owner))
+            hairpin[family].add(str(b.address))
+            rs.add_counter(Counter(f"pkts_{bid}", comment=owner))
+            rs.add_counter(Counter(f"new_{bid}", comment=owner))
+            pkts.append(Element("pkts", (str(bid),), f'"pkts_{bid}"'))
+            new.append(Element("newflows", (str(bid),), f'"new_{bid}"'))
+            if svc.snat:
+                snat_ids.append(Element("snat_ids", (str(bid),)))
+        if sd.ring is not None:
+            values = [str(ids[(svc.name, b.key)]) for b in sd.backends]
+            rs.add_set(
+                Set(names.ring, _ring_key_expr(sd), "ct mark", comment=svc.name),
+                [
+                    Element(names.ring, (str(slot),), values[idx])
+                    for slot, idx in enumerate(sd.ring.slots)
+                ],
+            )
+    for family in (4, 6):
+        addr = _addr_type(family)
+        rs.add_set(
+            Set(f"backends{family}", "mark", addr, typeof=False), targets[f"backends{family}"]
+        )
+        # `type`, not `typeof ... th dport`: nft 1.0.6 then rejects `dnat ... map` rules
+        # added to a table where the map already exists ("conflicting protocols").
+        rs.add_set(
+            Set(f"endpoints{family}", "mark", f"{addr} . inet_service", typeof=False),
+            targets[f"endpoints{family}"],
+        )
+        rs.add_set(
+            Set(
+                f"dispatch{family}",
+                f"{addr} . inet_proto . inet_service",
+                "verdict",
+                typeof=False,
+                flags=("interval",),
+            ),
+            dispatch[family],
+        )
+        rs.add_set(
+            Set(f"vips{family}", addr, typeof=False),
+            [Element(f"vips{family}", (a,)) for a in sorted(vips[family])],
+        )
+        rs.add_set(
+            Set(f"hairpin{family}", addr, typeof=False),
+            [Element(f"hairpin{family}", (a,)) for a in sorted(hairpin[family])],
+        )
+    rs.add_set(Set("snat_ids", "mark", typeof=False), snat_ids)
+    rs.add_set(Set("pkts", "mark", "counter", typeof=False), pkts)
+    rs.add_set(Set("newflows", "mark", "counter", typeof=False), new)
+    rs.add_chain(
+        Chain(
+            "prerouting", type="nat", hook="prerouting", priority=DSTNAT_PRIORITY, policy="accept"
+        ),
+        [
+            f"meta nfproto ipv{f} meta l4proto {{ tcp, udp }} "
+            f"{_ip(f)} daddr . meta l4proto . th dport vmap @dispatch{f}"
+            for f in (4, 6)
+        ],
+    )
+    rs.add_chain(
+        Chain(
+            "postrouting", type="nat", hook="postrouting", priority=SRCNAT_PRIORITY, policy="accept"
+        ),
+        [
+            "ct status dnat ct mark @snat_ids masquerade",
+            *(
+                # Hairpin: a backend reaching a VIP may be sent to itself or a neighbour,
+                # whose reply would go straight back, past the un-DNAT: make it answer us.
+                f"meta nfproto ipv{f} ct status dnat ct original {_ip(f)} daddr @vips{f} "
+                f"{_ip(f)} saddr @hairpin{f} masquerade"
+                for f in (4, 6)
+            ),
+        ],
+    )
+    rs.add_chain(
+        Chain("forward", type="filter", hook="forward", priority=FORWARD_PRIORITY, policy="accept"),
+        ["ct direction original counter name ct mark map @pkts"],
+    )
+    return rs
+
+
+# -- conntrack cuts (pure planning) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Conntrack entries to delete after the nft transaction, and why (for the log)."""
+
+    where: CtFilter
+    reason: str
+
+
+def plan_cuts(
+    previous: DesiredState | None,
+    desired: DesiredState,
+    ids: dict[Owner, int],
+    released: dict[Owner, int],
+    rings_before: set[str],
+    full: bool,
+) -> list[Cut]:
+    """The conntrack cuts that make the data plane honour `desired`.
+
+    - A backend with cut_flows loses every flow of its service (by its mark) when
+      it becomes cut, and again on a full sync (idempotent).
+    - A backend that left (`released`: removed from the config, or its service
+      gone) loses its UDP flows: with no connection to end them, conntrack would
+      pin the client to it until idle expiry. Its TCP flows run until they end.
+    - A UDP service whose ring appears (new service, or 0 -> N backends) loses its
+      UDP entries: made while nothing was DNATed, they would send every further
+      datagram of those clients past the load balancer (kube-proxy's black hole).
+    """
+    cuts: list[Cut] = []
+    for sd in desired.services:
+        svc = sd.service
+        family = svc.vip.version
+        for b in sd.backends:
+            if b.cut_flows and (full or not _was_cut(previous, svc.name, b)):
+                cuts.append(
+                    Cut(
+                        CtFilter(family, mark=ids[(svc.name, b.key)], dst=svc.vip),
+                        f"{svc.name}/{b.key}: {b.role}, flows cut",
+                    )
+                )
+        if (
+            sd.ring is not None
+            and svc.name not in rings_before
+            and "udp" in svc.protocol.transports
+        ):
+            cuts.append(
+                Cut(
+                    CtFilter(family, dst=svc.vip, ports=svc.ports, protos=("udp",)),
+                    f"{svc.name}: ring appeared, stale UDP entries removed",
+                )
+            )
+    for (service, key), bid in sorted(released.items()):
+        for family in (4, 6):
+            cuts.append(
+                Cut(
+                    CtFilter(family, mark=bid, protos=("udp",)),
+                    f"{service}/{key}: removed, UDP flows cut",
+                )
+            )
+    return cuts
+
+
+def _was_cut(previous: DesiredState | None, service: str, b: BackendDesired) -> bool:
+    if previous is None:
+        return False
+    sd = previous.service(service)
+    before = sd.backend(b.key) if sd is not None else None
+    return before is not None and before.cut_flows
+
+
+# -- backend ids -------------------------------------------------------------------
+
+
+@dataclass
+class _BackendIds:
+    """Backend ids (ct marks): stable per owner, never handed out twice in a run."""
+
+    ids: dict[Owner, int] = field(default_factory=dict)
+    taken: set[int] = field(default_factory=set)  # every id in use, or seen in conntrack
+
+    def assign(self, wanted: Iterable[Owner]) -> dict[Owner, int]:
+        """Give every wanted owner an id; forget the others. Returns the ids let go."""
+        wanted = list(wanted)
+        keep = set(wanted)
+        released = {o: i for o, i in self.ids.items() if o not in keep}
+        self.ids = {o: i for o, i in self.ids.items() if o in keep}
+        next_id = max(self.taken, default=0) + 1
+        for owner in wanted:
+            if owner not in self.ids:
+                self.ids[owner] = next_id
+                self.taken.add(next_id)
+                next_id += 1
+        return released
+
+    def owner(self, bid: int) -> Owner | None:
+        return next((o for o, i in self.ids.items() if i == bid), None)
+
+
+# -- the driver ----------------------------------------------------------------------
+
+
+class NatDriver:
+    """Driver "nat": see the module docstring for the table it keeps."""
+
+    name = "nat"
+
+    def __init__(
+        self,
+        nft: NftBackend | None = None,
+        conntrack: ConntrackTable | None = None,
+        *,
+        table: str = DEFAULT_TABLE,
+    ) -> None:
+        if nft is None:
+            from passlb.dataplane.nft.runner import NftRunner  # the real kernel by default
+
+            nft = NftRunner()
+        self.nft = nft
+        self.conntrack: ConntrackTable = conntrack if conntrack is not None else NetlinkConntrack()
+        self.table = Table("inet", table, comment="passlb nat")
+        self._ids = _BackendIds()
+        self._adopted = False
+        self._applied: Ruleset | None = None  # what the kernel holds, when we are sure
+        self._desired: DesiredState | None = None
+        self._pending: list[Cut] = []  # cuts that failed: retried on the next sync
+
+    # -- sync -----------------------------------------------------------------------
+
+    def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
+        started = time.monotonic()
+        _check_services(desired)
+        full = full or self._applied is None
+        current = self.nft.read(self.table) if full else self._applied
+        if not self._adopted:
+            self._adopt(current)
+        released = self._ids.assign(
+            (sd.service.name, b.key) for sd in desired.services for b in sd.backends
+        )
+        rendered = render(desired, self._ids.ids, self.table)
+        tx = converge(current, rendered, rewrite_rules=full)
+        rings_before = _services_with_ring(current, desired)
+        cuts = self._pending + plan_cuts(
+            self._desired, desired, self._ids.ids, released, rings_before, full
+        )
+        try:
+            self.nft.apply(tx)
+        except DataplaneError:
+            self._applied = None  # the next sync re-reads the kernel and rewrites everything
+            self._pending = cuts
+            raise
+        self._applied = rendered
+        self._desired = desired
+        # After the transaction: the ring no longer sends new flows where the cut
+        # entries pointed, so the next packet of a cut flow is balanced afresh.
+        self._pending = []
+        self._cut(cuts)
+        return ApplyResult(full=full, operations=len(tx), duration=time.monotonic() - started)
+
+    def _cut(self, cuts: list[Cut]) -> None:
+        for index, cut in enumerate(cuts):
+            try:
+                gone = self.conntrack.delete(self.conntrack.entries(cut.where))
+            except DataplaneError:
+                self._pending = cuts[index:]
+                self._applied = None
+                raise
+            if gone:
+                log.info("conntrack: %s (%d entries)", cut.reason, gone)
+
+    def _adopt(self, current: Ruleset | None) -> None:
+        """Recover backend ids from a table a previous run left (kept forwarding meanwhile)."""
+        self._adopted = True
+        if current is not None:
+            for name in _TARGET_MAPS:
+                for elem in current.elements.get(name, {}).values():
+                    if elem.comment and _OWNER_SEP in elem.comment:
+                        svc, key = elem.comment.rsplit(_OWNER_SEP, 1)
+                        self._ids.ids[(svc, key)] = int(elem.key[0])
+        # Marks of live flows stay taken: a new backend must not inherit the flows
+        # (and counters) of one removed before the restart.
+        self._ids.taken |= set(self._ids.ids.values())
+        for family in (4, 6):
+            self._ids.taken |= {e.mark for e in self.conntrack.entries(CtFilter(family))}
+
+    # -- reads ----------------------------------------------------------------------
+
+    def counters(self) -> dict[str, ServiceCounters]:
+        values = self.nft.read_counters(self.table)
+        active = self._active_by_mark()
+        result: dict[str, ServiceCounters] = {}
+        for sd in self._known_services():
+            backends: dict[str, BackendCounters] = {}
+            for b in sd.backends:
+                bid = self._ids.ids.get((sd.service.name, b.key))
+                if bid is None:
+                    continue
+                pkts = values.get(f"pkts_{bid}", CounterValue())
+                new = values.get(f"new_{bid}", CounterValue())
+                backends[b.key] = BackendCounters(
+                    packets=pkts.packets,
+                    bytes=pkts.bytes,
+                    new_flows=new.packets,
+                    active_flows=active.get(bid, 0),
+                )
+            drop = values.get(ServiceNames.of(sd.service.name).drop_counter, CounterValue())
+            result[sd.service.name] = ServiceCounters(backends=backends, dropped=drop.packets)
+        return result
+
+    def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
+        found: list[Flow] = []
+        for entry in self._our_entries():
+            owner = self._ids.owner(entry.mark)
+            if owner is None:
+                continue
+            if (service is not None and owner[0] != service) or (
+                backend is not None and owner[1] != backend
+            ):
+                continue
+            found.append(
+                Flow(
+                    service=owner[0],
+                    backend=owner[1],
+                    protocol=entry.proto,
+                    src=entry.src,
+                    src_port=entry.sport,
+                    dst=entry.dst,
+                    dst_port=entry.dport,
+                    expires_in=entry.timeout,
+                )
+            )
+        return found
+
+    def _known_services(self) -> tuple[ServiceDesired, ...]:
+        return self._desired.services if self._desired is not None else ()
+
+    def _our_entries(self) -> list[CtEntry]:
+        """Conntrack entries of the flows this driver balanced (to a VIP it serves)."""
+        vips = {sd.service.vip for sd in self._known_services()}
+        families = sorted({v.version for v in vips})
+        marks = set(self._ids.ids.values())
+        return [
+            e
+            for family in families
+            for e in self.conntrack.entries(CtFilter(family))
+            if e.mark in marks and e.dst in vips
+        ]
+
+    def _active_by_mark(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for entry in self._our_entries():
+            counts[entry.mark] = counts.get(entry.mark, 0) + 1
+        return counts
+
+    # -- teardown -------------------------------------------------------------------
+
+    def close(self, *, cleanup: bool = False) -> None:
+        if cleanup:
+            self.cleanup()
+        self._applied = None
+
+    def cleanup(self) -> None:
+        """Delete the whole table. New flows are no longer balanced; established ones
+        keep their DNAT binding in conntrack until they end."""
+        if self.nft.read(self.table) is not None:
+            tx = Transaction(self.table)
+            tx.delete(self.table)
+            self.nft.apply(tx)
+        self._applied = None
+        self._desired = None
+
+
+def _services_with_ring(current: Ruleset | None, desired: DesiredState) -> set[str]:
+    """Services of `desired` whose ring map already exists in `current`."""
+    if current is None:
+        return set()
+    return {
+        sd.service.name
+        for sd in desired.services
+        if ServiceNames.of(sd.service.name).ring in current.sets
+    }
+
+
+def _check_services(desired: DesiredState) -> None:
+    seen: dict[str, str] = {}
+    for sd in desired.services:
+        i = ident(sd.service.name)
+        if i in seen and seen[i] != sd.service.name:
+            raise DataplaneError(f"services {seen[i]!r} and {sd.service.name!r} share nft names")
+        seen[i] = sd.service.name
+        if sd.ring is not None and len(sd.ring) != sd.service.ring_size:
+            raise DataplaneError(
+                f"service {sd.service.name!r}: ring has {len(sd.ring)} slots, "
+                f"ring_size is {sd.service.ring_size}"
+            )
