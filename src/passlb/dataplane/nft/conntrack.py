@@ -14,16 +14,19 @@ holding the backend id, so a mark also names the (service, backend) pair.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import L4PROTO
 from passlb.model import IPAddress, PortSet
+
+T = TypeVar("T")
 
 _PROTO_NAME = {number: name for name, number in L4PROTO.items()}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -115,6 +118,13 @@ class NetlinkConntrack:
         self.netns = netns
 
     def entries(self, where: CtFilter) -> list[CtEntry]:
+        return _in_thread(lambda: self._entries(where))
+
+    def delete(self, entries: Iterable[CtEntry]) -> int:
+        batch = list(entries)
+        return _in_thread(lambda: self._delete(batch))
+
+    def _entries(self, where: CtFilter) -> list[CtEntry]:
         with self._socket(where.family) as ct:
             if where.mark is not None:
                 # Filtered in the kernel by mark (any kernel); the rest below.
@@ -125,7 +135,7 @@ class NetlinkConntrack:
                 raw = ct.dump_entries()
             return [e for e in _decode_all(raw) if where.matches(e)]
 
-    def delete(self, entries: Iterable[CtEntry]) -> int:
+    def _delete(self, entries: Iterable[CtEntry]) -> int:
         by_family: dict[int, list[CtEntry]] = {}
         for entry in entries:
             by_family.setdefault(entry.family, []).append(entry)
@@ -138,6 +148,14 @@ class NetlinkConntrack:
 
     def _socket(self, family: int) -> _Socket:
         return _Socket(family, self.netns)
+
+
+def _in_thread(work: Callable[[], T]) -> T:
+    """Run netlink work in a short-lived thread: pyroute2 0.9 drives its sockets
+    with an asyncio loop of its own, which refuses to run inside a running loop
+    (the daemon's)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(work).result()
 
 
 class _Socket:

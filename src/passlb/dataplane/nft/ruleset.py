@@ -130,6 +130,19 @@ def same_declaration(current: Set, desired: Set) -> bool:
 # -- converge -------------------------------------------------------------------
 
 
+def same_chain(current: Chain, desired: Chain) -> bool:
+    """Whether a chain read from the kernel is the one we want.
+
+    nft 1.0.6's JSON listing omits the device of netdev base chains, so a
+    listed chain without one matches on its other fields (our netdev chain
+    names carry the device). Replacing it would re-register the hook for
+    nothing on every adopt.
+    """
+    if current.device is None:
+        current = replace(current, device=desired.device)
+    return current == desired
+
+
 def converge(
     current: Ruleset | None,
     desired: Ruleset,
@@ -155,7 +168,9 @@ def converge(
         if name in cur.sets and not same_declaration(cur.sets[name], s)
     }
     replaced_chains = {
-        name for name, c in desired.chains.items() if name in cur.chains and cur.chains[name] != c
+        name
+        for name, c in desired.chains.items()
+        if name in cur.chains and not same_chain(cur.chains[name], c)
     }
     rewrite_all = rewrite_rules or not cur.rules_known or bool(replaced_sets)
     rewritten = {
