@@ -35,6 +35,8 @@ examples:
   passlb check examples/quickstart.toml        validate a config, print a summary
   passlb run /etc/passlb/passlb.toml           run the daemon in the foreground
   passlb status                                services, backends, health, counters
+  passlb top                                   the same, live, with recent events
+  passlb flows --service web                   current flows from the data plane
   passlb drain web 198.18.2.11                 stop new flows to a backend
   passlb explain --config lb.toml 198.18.1.10 40000 198.18.0.10 443 tcp
   passlb demo                                  build a lab and show passthrough
@@ -135,6 +137,65 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    import time
+
+    from passlb.api.views import format_events, format_status
+
+    client = _api_client(args)
+    last_event = 0
+    recent: list[dict[str, object]] = []
+    while True:
+        doc = client.get("/api/v1/status")
+        events = client.get(f"/api/v1/events?since={last_event}")["events"]
+        recent = (recent + events)[-args.events :]
+        if events:
+            last_event = events[-1]["seq"]
+        screen = format_status(doc)
+        if recent:
+            screen += "\n\nrecent events:\n" + format_events(recent)
+        if args.once:
+            print(screen)
+            return EXIT_OK
+        # ANSI: cursor home + clear screen, then redraw (no curses needed).
+        sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  ") + screen + "\n")
+        sys.stdout.flush()
+        time.sleep(args.interval)
+
+
+def _cmd_flows(args: argparse.Namespace) -> int:
+    import urllib.parse
+
+    from passlb.api.views import format_flows
+
+    query = {"limit": str(args.limit)}
+    if args.service:
+        query["service"] = args.service
+    if args.backend:
+        query["backend"] = args.backend
+    result = _api_client(args).get("/api/v1/flows?" + urllib.parse.urlencode(query))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_flows(result["flows"], result["total"]))
+    return EXIT_OK
+
+
+def _cmd_weight(args: argparse.Namespace) -> int:
+    path = f"/api/v1/services/{args.service}/backends/{args.backend}"
+    result = _api_client(args).post(path, {"weight": args.weight})
+    print(result.get("message", "ok"))
+    return EXIT_OK
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from passlb.completion import bash_completion, zsh_completion
+
+    script = bash_completion if args.shell == "bash" else zsh_completion
+    print(script(build_parser()))
+    return EXIT_OK
+
+
 def _cmd_admin_state(args: argparse.Namespace) -> int:
     state = {"drain": "drain", "enable": "enabled", "disable": "disabled"}[args.command]
     body = {"state": state}
@@ -173,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def api_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--api", default=DEFAULT_API, help="admin API address (host:port)")
+        p.add_argument(
+            "--api", default=DEFAULT_API, help="admin API address (host:port or unix:/path)"
+        )
         p.add_argument("--token", default=None, help="bearer token for a non-loopback API")
 
     p = add("run", _cmd_run, "run the daemon in the foreground", "passlb run lb.toml")
@@ -247,6 +310,43 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("service", help="service name")
         p.add_argument("backend", help="backend key: address, or address:port")
         api_options(p)
+
+    p = add(
+        "weight",
+        _cmd_weight,
+        "change a backend's weight at runtime (until a reload drops the backend)",
+        "passlb weight web 198.18.2.11 5",
+    )
+    p.add_argument("service", help="service name")
+    p.add_argument("backend", help="backend key: address, or address:port")
+    p.add_argument("weight", type=int, help="1..65535")
+    api_options(p)
+
+    p = add("top", _cmd_top, "live view of services, backends, rates and events", "passlb top")
+    api_options(p)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--events", type=int, default=8, help="recent events to show")
+
+    p = add(
+        "flows",
+        _cmd_flows,
+        "list current flows from the data plane's flow table",
+        "passlb flows --service web --backend 198.18.2.11",
+    )
+    api_options(p)
+    p.add_argument("--service", help="only this service")
+    p.add_argument("--backend", help="only this backend key (with --service)")
+    p.add_argument("--limit", type=int, default=1000, help="show at most this many")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add(
+        "completion",
+        _cmd_completion,
+        "print a shell completion script",
+        "passlb completion bash > /etc/bash_completion.d/passlb",
+    )
+    p.add_argument("shell", choices=["bash", "zsh"])
 
     p = add("reload", _cmd_reload, "re-read the daemon's config file", "passlb reload")
     api_options(p)

@@ -2,7 +2,8 @@
 
 config file ──► Reconciler ──► drivers (dsr / nat / proxy)
                    ▲
-HealthChecker ─────┘        admin API ──► drain / enable / disable / reload / status
+HealthChecker ─────┘        admin API ──► drain / enable / disable / weight / reload
+                             status, events, flows, /metrics, status page (api/)
 
 Signals: SIGHUP reloads (validated first; a bad file changes nothing), SIGTERM
 and SIGINT stop. By default the kernel tables stay and keep forwarding after
@@ -19,48 +20,27 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from passlb.api.metrics import render_metrics
 from passlb.api.server import build_app, start_api
+from passlb.api.telemetry import Telemetry
+from passlb.api.views import read_counters
 from passlb.config import load_config
 from passlb.control.desired import HealthStatus
-from passlb.control.reconciler import Reconciler, assume_all_healthy
-from passlb.dataplane.base import Driver
+from passlb.control.reconciler import ApplyRecord, Reconciler, assume_all_healthy
+from passlb.dataplane.base import Driver, Flow
 from passlb.dataplane.proxy import new_event_loop
 from passlb.errors import ConfigError, DataplaneError
 from passlb.health.scheduler import HealthChecker, plan_checks
-from passlb.model import AdminState, Config, LogFormat, Mode
+from passlb.logs import log_event, setup_logging
+from passlb.model import AdminState, Config, Mode
 
 log = logging.getLogger("passlb.daemon")
 
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(level: str, fmt: LogFormat) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt is LogFormat.JSON:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
-        )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+COUNTER_SAMPLE_INTERVAL = 1.0  # seconds between counter reads for the rates
 
 
 def detect_interfaces() -> tuple[str, ...]:
@@ -86,6 +66,10 @@ def build_drivers(config: Config, interfaces: tuple[str, ...]) -> dict[Mode, Dri
         from passlb.dataplane.nft.dsr import DsrDriver
 
         drivers[Mode.DSR] = DsrDriver(interfaces=interfaces)
+    if Mode.NAT in modes:
+        from passlb.dataplane.nft.nat import NatDriver
+
+        drivers[Mode.NAT] = NatDriver()
     if Mode.PROXY in modes:
         from passlb.dataplane.proxy.driver import ProxyDriver
 
@@ -96,8 +80,10 @@ def build_drivers(config: Config, interfaces: tuple[str, ...]) -> dict[Mode, Dri
 def cleanup_dataplane() -> None:
     """Remove every kernel table passlb installed (`passlb cleanup`)."""
     from passlb.dataplane.nft.dsr import DsrDriver
+    from passlb.dataplane.nft.nat import NatDriver
 
     DsrDriver(interfaces=()).cleanup()
+    NatDriver().cleanup()
 
 
 class Daemon:
@@ -111,7 +97,9 @@ class Daemon:
             log.info("interfaces not configured; detected %s", ",".join(interfaces))
         self.interfaces = interfaces
         self.drivers = build_drivers(config, interfaces)
-        self.reconciler = Reconciler(config, self.drivers)
+        self.telemetry = Telemetry()
+        self._last_apply_failed = False
+        self.reconciler = Reconciler(config, self.drivers, on_apply=self._on_apply)
         # Until a check says otherwise every backend counts as healthy: a daemon
         # restart must not empty the ring it adopts from the kernel.
         self.reconciler.replace_health(assume_all_healthy(config))
@@ -122,42 +110,121 @@ class Daemon:
         return self.reconciler.config
 
     def _on_health(self, service: str, backend: str, status: HealthStatus) -> None:
-        log.info(
-            "health service=%s backend=%s healthy=%s weight=%s",
-            service,
-            backend,
-            status.healthy,
-            status.weight,
+        record = self.checker.records().get((service, backend))
+        reason = record.reason if record else ""
+        state = "up" if status.healthy else "down"
+        self._event(
+            "health",
+            f"{service}/{backend} {state}: {reason}",
+            service=service,
+            backend=backend,
+            healthy=status.healthy,
+            reason=reason,
+            reported_weight=status.weight,
         )
         self.reconciler.set_health(service, backend, status)
+
+    def _on_apply(self, record: ApplyRecord) -> None:
+        self.telemetry.apply_duration.observe(record.duration)
+        self.telemetry.ring_build.observe(record.compute_duration)
+        if record.error is not None:
+            self._event("apply", f"apply failed: {record.error}", ok=False, error=record.error)
+        elif self._last_apply_failed:
+            self._event("apply", "apply ok again after a failure", ok=True)
+        self._last_apply_failed = record.error is not None
+
+    def _event(self, kind: str, message: str, *, log_as: str = "", **fields: Any) -> None:
+        """One event for the API and the status page, and the same as a log line
+        (``log_as`` names it in the log when the kind alone says too little)."""
+        self.telemetry.events.add(time.time(), kind, message, **fields)
+        level = logging.ERROR if fields.get("ok") is False else logging.INFO
+        log_event(log, level, log_as or kind, **fields)
 
     # -- what the admin API may do --------------------------------------------
 
     def set_admin(self, service: str, backend: str, state: AdminState) -> None:
-        self.reconciler.set_admin(service, backend, state)
-        log.info("admin service=%s backend=%s state=%s", service, backend, state)
+        self.update_backend(service, backend, state=state, weight=None)
+
+    def update_backend(
+        self, service: str, backend: str, *, state: AdminState | None, weight: int | None
+    ) -> None:
+        """Admin state and/or weight; KeyError/ValueError before anything changes."""
+        if weight is not None:
+            self.reconciler.set_weight(service, backend, weight)  # validates both first
+            self._event(
+                "weight",
+                f"{service}/{backend} weight {weight}",
+                service=service,
+                backend=backend,
+                weight=weight,
+            )
+        if state is not None:
+            self.reconciler.set_admin(service, backend, state)
+            self._event(
+                "admin",
+                f"{service}/{backend} {state}",
+                service=service,
+                backend=backend,
+                state=state.value,
+            )
+
+    def events(self, since: int) -> list[dict[str, Any]]:
+        return self.telemetry.events.since(since)
+
+    def flows(self, service: str | None, backend: str | None) -> list[Flow]:
+        """Flows from every driver's table; KeyError for an unknown service or backend."""
+        if service is not None:
+            svc = self.config.service(service)
+            if svc is None:
+                raise KeyError(f"service: no service {service!r}")
+            if backend is not None and svc.backend(backend) is None:
+                raise KeyError(f"backend: no backend {backend!r} in service {service!r}")
+        found: list[Flow] = []
+        for driver in self.drivers.values():
+            found.extend(driver.flows(service, backend))
+        return found
+
+    def metrics(self) -> str:
+        return render_metrics(
+            self.status(), self.telemetry.apply_duration, self.telemetry.ring_build
+        )
 
     async def reload(self) -> tuple[bool, list[str]]:
         self.last_reload = {"at": time.time(), "ok": False, "issues": []}
+        self.telemetry.reloads += 1
         try:
             config = load_config(self.config_path)
             plan_checks(config)  # a check that cannot run rejects the file, before any change
         except ConfigError as err:
             issues = [str(i) for i in err.issues]
-            self.last_reload["issues"] = issues
-            log.error("reload rejected; running config stays: %s", "; ".join(issues))
-            return False, issues
         except OSError as err:
-            self.last_reload["issues"] = [f"{self.config_path}: {err.strerror}"]
-            log.error("reload rejected: %s", err)
-            return False, self.last_reload["issues"]
+            issues = [f"{self.config_path}: {err.strerror}"]
+        else:
+            issues = []
+        if issues:
+            self.last_reload["issues"] = issues
+            self.telemetry.reload_failures += 1
+            self._event(
+                "reload",
+                "reload rejected; the running config stays: " + "; ".join(issues),
+                log_as="reload rejected",
+                ok=False,
+                issues="; ".join(issues),
+            )
+            return False, issues
         new_modes = {s.mode for s in config.services} - set(self.drivers)
         if new_modes:
             self.drivers.update(build_drivers(config, self.interfaces))
         self.reconciler.set_config(config)
         await self.checker.update(config)
         self.last_reload["ok"] = True
-        log.info("reload accepted services=%d", len(config.services))
+        self._event(
+            "reload",
+            f"reload accepted: {len(config.services)} service(s)",
+            log_as="reload accepted",
+            ok=True,
+            services=len(config.services),
+        )
         return True, []
 
     def status(self) -> dict[str, Any]:
@@ -166,6 +233,18 @@ class Daemon:
         return status_document(self)
 
     # -- running --------------------------------------------------------------
+
+    async def sample_counters(self) -> None:
+        """Read the data plane's counters every second so status can show rates."""
+        last_errors: list[str] = []
+        while True:
+            counters, errors = read_counters(self)
+            if errors != last_errors:  # once per new problem, not every second
+                for error in errors:
+                    log_event(log, logging.WARNING, "counters", ok=False, error=error)
+                last_errors = errors
+            self.telemetry.rates.observe(time.monotonic(), counters)
+            await asyncio.sleep(COUNTER_SAMPLE_INTERVAL)
 
     async def serve(self, *, cleanup: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -197,13 +276,15 @@ class Daemon:
         log.info("admin API listening on %s", self.config.api.listen)
         await self.checker.update(self.config)
         reconcile = loop.create_task(self.reconciler.run(), name="reconciler")
+        sampler = loop.create_task(self.sample_counters(), name="counter sampler")
         try:
             await stop.wait()
         finally:
             await asyncio.gather(*reloads, return_exceptions=True)
-            reconcile.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reconcile
+            for task in (reconcile, sampler):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.checker.close()
             await api.cleanup()
             for driver in self.drivers.values():

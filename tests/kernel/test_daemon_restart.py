@@ -78,8 +78,9 @@ def start_daemon(lab: Lab, config_file: Path, log: Path) -> subprocess.Popen[Any
 def test_kill_9_keeps_forwarding_and_restart_adopts(
     make_lab: Callable[..., Lab], tmp_path: Path, mode: str
 ) -> None:
-    gateway = "router" if mode == "dsr" else "lb"
-    lab = make_lab(LabSpec(backends=3, backend_gateway=gateway, ipv6=False))
+    lab = make_lab(
+        LabSpec(backends=3, backend_gateway="router" if mode == "dsr" else "lb", ipv6=False)
+    )
     for b in lab.backends:
         lab.start_servers(b, tcp=[80], udp=[53])
         if mode == "dsr":

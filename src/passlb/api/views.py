@@ -1,11 +1,17 @@
-"""The status document (served by the API) and its terminal rendering."""
+"""The status document (served by the API) and its terminal renderings.
+
+One document feeds `passlb status`, `passlb top`, the web status page and
+/metrics, so they never disagree.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
-from passlb.dataplane.base import BackendCounters, ServiceCounters
+from passlb import __version__
+from passlb.control.desired import diff_desired
+from passlb.dataplane.base import BackendCounters, Flow, ServiceCounters
 from passlb.errors import PasslbError
 
 if TYPE_CHECKING:
@@ -16,23 +22,21 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
     """Everything `passlb status` shows, as JSON-ready data."""
     rec = daemon.reconciler
     now = rec.clock()
-    counters: dict[str, ServiceCounters] = {}
-    errors: list[str] = []
-    for mode, driver in daemon.drivers.items():
-        try:
-            counters.update(driver.counters())
-        except PasslbError as err:
-            errors.append(f"{mode}: {err}")
+    counters, errors = read_counters(daemon)
+    records = daemon.checker.records()
     desired = rec.desired
     services = []
     for svc in rec.effective_config().services:
         sd = desired.service(svc.name) if desired else None
+        from_file = rec.config.service(svc.name)
         svc_counters = counters.get(svc.name, ServiceCounters())
         backends = []
         for b in svc.backends:
             bd = sd.backend(b.key) if sd else None
             c = svc_counters.backends.get(b.key, BackendCounters())
-            health = daemon.checker.state(svc.name, b.key)
+            record = records.get((svc.name, b.key))
+            rates = daemon.telemetry.rates.rates(svc.name, b.key)
+            configured = from_file.backend(b.key) if from_file else None
             deadline = bd.drain_deadline if bd else None
             backends.append(
                 {
@@ -41,15 +45,23 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
                     "port": b.port,
                     "backup": b.backup,
                     "admin": b.admin.value,
-                    "health": health.value if health else "unknown",
+                    "health": record.state.value if record else "unknown",
+                    "health_reason": record.reason if record else "",
+                    "check_latency": record.latency if record else None,
                     "role": bd.role.value if bd else "unknown",
                     "weight": b.weight,
+                    "config_weight": configured.weight if configured else b.weight,
                     "ring_weight": bd.weight if bd else 0,
-                    "drain_remaining": None if deadline is None else max(0.0, deadline - now),
+                    "drain_deadline_in": None if deadline is None else max(0.0, deadline - now),
                     "packets": c.packets,
                     "bytes": c.bytes,
                     "new_flows": c.new_flows,
                     "active_flows": c.active_flows,
+                    "rates": {
+                        "packets": rates.packets,
+                        "bytes": rates.bytes,
+                        "new_flows": rates.new_flows,
+                    },
                 }
             )
         services.append(
@@ -60,11 +72,14 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
                 "ports": str(svc.ports),
                 "mode": svc.mode.value,
                 "dropping": sd is not None and sd.ring is None,
+                "dropped": svc_counters.dropped,
+                "active_flows": svc_counters.total.active_flows,
                 "backends": backends,
             }
         )
     last = rec.stats.last_apply
     return {
+        "version": __version__,
         "uptime": time.time() - daemon.started,
         "config": str(daemon.config_path),
         "interfaces": list(daemon.interfaces),
@@ -80,25 +95,80 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
             "changes": last.changes,
             "error": last.error,
         },
+        "state": _sync_state(daemon),
+        "reloads": daemon.telemetry.reloads,
+        "reload_failures": daemon.telemetry.reload_failures,
         "last_reload": daemon.last_reload,
+        "last_event": daemon.telemetry.events.last_seq,
         "errors": errors,
     }
 
 
+def read_counters(daemon: Daemon) -> tuple[dict[str, ServiceCounters], list[str]]:
+    """Every driver's counters, and the drivers that could not be read."""
+    counters: dict[str, ServiceCounters] = {}
+    errors: list[str] = []
+    for mode, driver in daemon.drivers.items():
+        try:
+            counters.update(driver.counters())
+        except PasslbError as err:
+            errors.append(f"{mode}: {err}")
+    return counters, errors
+
+
+def _sync_state(daemon: Daemon) -> dict[str, Any]:
+    """Desired vs applied: whether the data plane holds what passlb wants."""
+    rec = daemon.reconciler
+    if rec.desired is None:
+        return {"in_sync": False, "pending": "nothing computed yet"}
+    if rec.applied is rec.desired:
+        return {"in_sync": True, "pending": ""}
+    diff = diff_desired(rec.applied, rec.desired)
+    return {"in_sync": diff.empty, "pending": "" if diff.empty else str(diff)}
+
+
+def flow_document(flow: Flow) -> dict[str, Any]:
+    return {
+        "service": flow.service,
+        "backend": flow.backend,
+        "protocol": flow.protocol,
+        "src": str(flow.src),
+        "src_port": flow.src_port,
+        "dst": str(flow.dst),
+        "dst_port": flow.dst_port,
+        "expires_in": flow.expires_in,
+        "src_hash": flow.src_hash,
+    }
+
+
+def human_rate(value: float) -> str:
+    """1234567 -> '1.2M' (decimal units, as for packets and bytes per second)."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}" if value >= 10 or value == 0 else f"{value:.1f}"
+
+
 def format_status(doc: dict[str, Any]) -> str:
-    """A table in the spirit of `ipvsadm -Ln --stats`."""
+    """A table in the spirit of `ipvsadm -Ln --stats --rate`."""
+    state = doc.get("state", {})
     lines = [
-        f"passlb: {len(doc['services'])} service(s), {doc['applies']} applies, "
-        f"{doc['apply_failures']} failed, up {doc['uptime']:.0f}s"
+        f"passlb {doc.get('version', '')}: {len(doc['services'])} service(s), "
+        f"{doc['applies']} applies, {doc['apply_failures']} failed, up {doc['uptime']:.0f}s"
+        + ("" if state.get("in_sync", True) else f", NOT IN SYNC: {state.get('pending')}")
     ]
     last = doc.get("last_apply")
     if last and last.get("error"):
         lines.append(f"last apply FAILED: {last['error']}")
+    reload = doc.get("last_reload") or {}
+    if not reload.get("ok", True):
+        lines.append("last reload REJECTED: " + "; ".join(reload.get("issues", [])))
     for err in doc.get("errors", []):
         lines.append(f"counter read failed: {err}")
     header = (
-        f"  {'backend':<24} {'health':<8} {'role':<9} {'admin':<9} {'weight':>6} "
-        f"{'flows':>7} {'new':>8} {'packets':>10} {'bytes':>12}"
+        f"  {'backend':<24} {'health':<7} {'role':<8} {'admin':<8} {'weight':>6} {'ring':>6} "
+        f"{'flows':>6} {'new':>8} {'packets':>10} {'bytes':>12} {'flows/s':>7} "
+        f"{'pkt/s':>7} {'B/s':>7}"
     )
     for svc in doc["services"]:
         drop = "  (no backend serving: dropping new flows)" if svc["dropping"] else ""
@@ -110,12 +180,42 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(header)
         for b in svc["backends"]:
             name = b["key"] + (" (backup)" if b["backup"] else "")
+            rates = b.get("rates", {})
             extra = ""
-            if b["drain_remaining"] is not None:
-                extra = f"  drain ends in {b['drain_remaining']:.0f}s"
+            if b.get("drain_deadline_in") is not None:
+                extra = f"  drain ends in {b['drain_deadline_in']:.0f}s"
+            if b["health"] == "down" and b.get("health_reason"):
+                extra += f"  ({b['health_reason']})"
             lines.append(
-                f"  {name:<24} {b['health']:<8} {b['role']:<9} {b['admin']:<9} "
-                f"{b['ring_weight']:>6} {b['active_flows']:>7} {b['new_flows']:>8} "
-                f"{b['packets']:>10} {b['bytes']:>12}{extra}"
+                f"  {name:<24} {b['health']:<7} {b['role']:<8} {b['admin']:<8} "
+                f"{b['weight']:>6} {b['ring_weight']:>6} {b['active_flows']:>6} "
+                f"{b['new_flows']:>8} {b['packets']:>10} {b['bytes']:>12} "
+                f"{human_rate(rates.get('new_flows', 0.0)):>7} "
+                f"{human_rate(rates.get('packets', 0.0)):>7} "
+                f"{human_rate(rates.get('bytes', 0.0)):>7}{extra}"
             )
+    return "\n".join(lines)
+
+
+def format_events(events: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))} {e['kind']:<7} {e['message']}"
+        for e in events
+    )
+
+
+def format_flows(flows: list[dict[str, Any]], total: int) -> str:
+    lines = [
+        f"{'service':<12} {'backend':<24} {'proto':<5} {'client':<40} {'vip':<40} {'expires':>8}"
+    ]
+    for f in flows:
+        client = f"{f['src']}:{f['src_port']}" if f["src_hash"] is None else f"#{f['src_hash']:08x}"
+        expires = "-" if f["expires_in"] is None else f"{f['expires_in']:.0f}s"
+        vip = f"{f['dst']}:{f['dst_port']}"
+        lines.append(
+            f"{f['service']:<12} {f['backend']:<24} {f['protocol']:<5} {client:<40} "
+            f"{vip:<40} {expires:>8}"
+        )
+    shown = len(flows)
+    lines.append(f"{total} flow(s)" + ("" if shown == total else f", {shown} shown"))
     return "\n".join(lines)

@@ -41,6 +41,7 @@ class ApplyRecord:
     full: bool
     changes: str  # a one-line summary of the diff
     error: str | None = None
+    compute_duration: float = 0.0  # desired-state computation, Maglev ring builds included
 
 
 @dataclass
@@ -51,14 +52,26 @@ class ReconcilerStats:
     history: list[ApplyRecord] = field(default_factory=list)
 
 
-def with_admin_overrides(config: Config, overrides: Mapping[tuple[str, str], AdminState]) -> Config:
-    """The config with runtime admin states (drain/enable/disable) applied."""
-    if not overrides:
+MIN_WEIGHT, MAX_WEIGHT = 1, 65535  # the config's bounds for a backend weight
+
+
+def with_admin_overrides(
+    config: Config,
+    overrides: Mapping[tuple[str, str], AdminState],
+    weights: Mapping[tuple[str, str], int] | None = None,
+) -> Config:
+    """The config with runtime admin states (drain/enable/disable) and weights applied."""
+    if not overrides and not weights:
         return config
+    weights = weights or {}
     services = []
     for svc in config.services:
         backends = tuple(
-            dataclasses.replace(b, admin=overrides.get((svc.name, b.key), b.admin))
+            dataclasses.replace(
+                b,
+                admin=overrides.get((svc.name, b.key), b.admin),
+                weight=weights.get((svc.name, b.key), b.weight),
+            )
             for b in svc.backends
         )
         services.append(dataclasses.replace(svc, backends=backends))
@@ -106,6 +119,7 @@ class Reconciler:
         resync_interval: float = 60.0,
         retry_delay: float = 1.0,
         coalesce_delay: float = 0.02,
+        on_apply: Callable[[ApplyRecord], None] | None = None,
     ) -> None:
         self.config = config
         self.drivers = drivers
@@ -115,6 +129,8 @@ class Reconciler:
         self.coalesce_delay = coalesce_delay
         self.health: dict[tuple[str, str], HealthStatus] = {}
         self.admin_overrides: dict[tuple[str, str], AdminState] = {}
+        self.weight_overrides: dict[tuple[str, str], int] = {}
+        self.on_apply = on_apply
         self.drain_starts: dict[tuple[str, str], float] = {}
         self.applied: DesiredState | None = None
         self.desired: DesiredState | None = None
@@ -129,8 +145,9 @@ class Reconciler:
         """Take a validated config; unchanged services keep their flows (diff apply)."""
         self.config = config
         live = {(s.name, b.key) for s in config.services for b in s.backends}
-        for gone in [k for k in self.admin_overrides if k not in live]:
-            del self.admin_overrides[gone]
+        for overrides in (self.admin_overrides, self.weight_overrides):
+            for gone in [k for k in overrides if k not in live]:
+                del overrides[gone]
         self._note_drains()
         self._dirty.set()
 
@@ -144,19 +161,34 @@ class Reconciler:
 
     def set_admin(self, service: str, backend: str, state: AdminState) -> None:
         """A runtime admin change; raises KeyError when there is no such backend."""
-        svc = self.config.service(service)
-        if svc is None or svc.backend(backend) is None:
-            raise KeyError(f"no backend {backend!r} in service {service!r}")
+        self._check_backend(service, backend)
         self.admin_overrides[(service, backend)] = state
         self._note_drains()
         self._dirty.set()
+
+    def set_weight(self, service: str, backend: str, weight: int) -> None:
+        """A runtime weight, kept until a reload drops the backend.
+
+        Raises KeyError when there is no such backend, ValueError for a weight
+        outside the config's bounds; either way nothing changes.
+        """
+        self._check_backend(service, backend)
+        if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+            raise ValueError(f"must be between {MIN_WEIGHT} and {MAX_WEIGHT}, got {weight}")
+        self.weight_overrides[(service, backend)] = weight
+        self._dirty.set()
+
+    def _check_backend(self, service: str, backend: str) -> None:
+        svc = self.config.service(service)
+        if svc is None or svc.backend(backend) is None:
+            raise KeyError(f"no backend {backend!r} in service {service!r}")
 
     def request_full_resync(self) -> None:
         self._need_full = True
         self._dirty.set()
 
     def effective_config(self) -> Config:
-        return with_admin_overrides(self.config, self.admin_overrides)
+        return with_admin_overrides(self.config, self.admin_overrides, self.weight_overrides)
 
     def _note_drains(self) -> None:
         self.drain_starts = update_drain_starts(
@@ -175,6 +207,7 @@ class Reconciler:
         full = full or self._need_full
         started = time.perf_counter()
         desired = self.compute()
+        compute_duration = time.perf_counter() - started
         self.desired = desired
         diff = diff_desired(self.applied, desired)
         changes = str(diff)
@@ -195,6 +228,7 @@ class Reconciler:
             full=full,
             changes=changes,
             error=error,
+            compute_duration=compute_duration,
         )
         self.stats.applies += 1
         self.stats.last_apply = record
@@ -212,6 +246,8 @@ class Reconciler:
             self.stats.apply_failures += 1
             self._need_full = True
             log.error("apply failed full=%s error=%s", full, error)
+        if self.on_apply is not None:
+            self.on_apply(record)
         return record
 
     async def run(self) -> None:

@@ -1,0 +1,177 @@
+"""Prometheus text exposition (format 0.0.4) of the status document.
+
+Pure: rendered from the same document `passlb status` shows (whose counters
+the data plane itself reported) and the daemon's timing histograms. Written by
+hand: the format is a few lines of text and passlb needs no registry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from passlb.api.telemetry import Histogram
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+Labels = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str
+    type: str  # counter | gauge | histogram
+    help: str
+
+
+# Every metric passlb exports; docs/operations-api.md lists the same (a test checks).
+BACKEND_METRICS = (
+    MetricInfo(
+        "passlb_backend_packets_total",
+        "counter",
+        "Packets forwarded from clients to the backend (dsr: the only direction seen).",
+    ),
+    MetricInfo(
+        "passlb_backend_bytes_total", "counter", "Bytes forwarded from clients to the backend."
+    ),
+    MetricInfo("passlb_backend_new_flows_total", "counter", "New flows sent to the backend."),
+    MetricInfo(
+        "passlb_backend_active_flows",
+        "gauge",
+        "Flows to the backend in the data plane's flow table now.",
+    ),
+    MetricInfo("passlb_backend_up", "gauge", "1 when the backend's health check says up, else 0."),
+    MetricInfo(
+        "passlb_backend_health_check_duration_seconds",
+        "gauge",
+        "How long the backend's last health check took.",
+    ),
+    MetricInfo(
+        "passlb_backend_weight",
+        "gauge",
+        "The backend's configured weight (runtime overrides included).",
+    ),
+    MetricInfo(
+        "passlb_backend_ring_weight",
+        "gauge",
+        "The weight the backend's Maglev ring was built with (0: takes no new flows).",
+    ),
+    MetricInfo(
+        "passlb_backend_admin_state",
+        "gauge",
+        "1 for the backend's admin state (enabled, drain or disabled), 0 for the others.",
+    ),
+)
+SERVICE_METRICS = (
+    MetricInfo(
+        "passlb_service_dropped_packets_total",
+        "counter",
+        "Packets of new flows dropped because no backend could take them.",
+    ),
+    MetricInfo(
+        "passlb_service_serving", "gauge", "1 when the service has a ring (takes new flows)."
+    ),
+)
+DAEMON_METRICS = (
+    MetricInfo(
+        "passlb_apply_duration_seconds",
+        "histogram",
+        "Time to compute and apply a desired state to the data plane.",
+    ),
+    MetricInfo(
+        "passlb_ring_build_seconds",
+        "histogram",
+        "Time to compute the desired state, dominated by Maglev ring builds (cached rings"
+        " cost nothing).",
+    ),
+    MetricInfo("passlb_applies_total", "counter", "Applies attempted."),
+    MetricInfo("passlb_apply_failures_total", "counter", "Applies the data plane refused."),
+    MetricInfo("passlb_reloads_total", "counter", "Config reloads attempted."),
+    MetricInfo(
+        "passlb_reload_failures_total", "counter", "Config reloads rejected (the old one stays)."
+    ),
+    MetricInfo("passlb_in_sync", "gauge", "1 when the data plane holds the desired state."),
+    MetricInfo("passlb_uptime_seconds", "gauge", "Seconds since the daemon started."),
+    MetricInfo("passlb_build_info", "gauge", "Always 1; the version is in the label."),
+)
+ALL_METRICS = BACKEND_METRICS + SERVICE_METRICS + DAEMON_METRICS
+
+ADMIN_STATES = ("enabled", "drain", "disabled")
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def format_number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def sample(name: str, labels: Labels, value: float) -> str:
+    if not labels:
+        return f"{name} {format_number(value)}"
+    inner = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
+    return f"{name}{{{inner}}} {format_number(value)}"
+
+
+def histogram_samples(name: str, hist: Histogram) -> Iterable[str]:
+    for bound, count in hist.cumulative():
+        yield sample(f"{name}_bucket", {"le": format_number(bound)}, count)
+    yield sample(f"{name}_sum", {}, hist.sum)
+    yield sample(f"{name}_count", {}, hist.count)
+
+
+def render_metrics(doc: Mapping[str, Any], apply_duration: Histogram, ring_build: Histogram) -> str:
+    """The exposition text for one status document."""
+    samples: dict[str, list[str]] = {m.name: [] for m in ALL_METRICS}
+
+    def add(name: str, labels: Labels, value: float) -> None:
+        samples[name].append(sample(name, labels, value))
+
+    for svc in doc["services"]:
+        service_labels = {"service": svc["name"]}
+        add("passlb_service_dropped_packets_total", service_labels, svc["dropped"])
+        add("passlb_service_serving", service_labels, 0 if svc["dropping"] else 1)
+        for b in svc["backends"]:
+            labels = {"service": svc["name"], "backend": b["key"]}
+            add("passlb_backend_packets_total", labels, b["packets"])
+            add("passlb_backend_bytes_total", labels, b["bytes"])
+            add("passlb_backend_new_flows_total", labels, b["new_flows"])
+            add("passlb_backend_active_flows", labels, b["active_flows"])
+            add("passlb_backend_up", labels, 1 if b["health"] == "up" else 0)
+            if b["check_latency"] is not None:
+                add("passlb_backend_health_check_duration_seconds", labels, b["check_latency"])
+            add("passlb_backend_weight", labels, b["weight"])
+            add("passlb_backend_ring_weight", labels, b["ring_weight"])
+            for state in ADMIN_STATES:
+                add(
+                    "passlb_backend_admin_state",
+                    {**labels, "state": state},
+                    1 if b["admin"] == state else 0,
+                )
+    samples["passlb_apply_duration_seconds"].extend(
+        histogram_samples("passlb_apply_duration_seconds", apply_duration)
+    )
+    samples["passlb_ring_build_seconds"].extend(
+        histogram_samples("passlb_ring_build_seconds", ring_build)
+    )
+    add("passlb_applies_total", {}, doc["applies"])
+    add("passlb_apply_failures_total", {}, doc["apply_failures"])
+    add("passlb_reloads_total", {}, doc["reloads"])
+    add("passlb_reload_failures_total", {}, doc["reload_failures"])
+    add("passlb_in_sync", {}, 1 if doc["state"]["in_sync"] else 0)
+    add("passlb_uptime_seconds", {}, doc["uptime"])
+    add("passlb_build_info", {"version": doc["version"]}, 1)
+
+    lines: list[str] = []
+    for metric in ALL_METRICS:
+        lines.append(f"# HELP {metric.name} {metric.help}")
+        lines.append(f"# TYPE {metric.name} {metric.type}")
+        lines.extend(samples[metric.name])
+    return "\n".join(lines) + "\n"
