@@ -110,7 +110,7 @@ class Daemon:
         return self.reconciler.config
 
     def _on_health(self, service: str, backend: str, status: HealthStatus) -> None:
-        record = self.checker.records().get((service, backend))
+        record = self.checker.record(service, backend)
         reason = record.reason if record else ""
         state = "up" if status.healthy else "down"
         self._event(

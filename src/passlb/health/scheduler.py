@@ -204,6 +204,11 @@ class HealthChecker:
         tracker = self._trackers.get((service, backend_key))
         return None if tracker is None else tracker.state
 
+    def record(self, service: str, backend_key: str) -> HealthRecord | None:
+        """One backend's record; None for a backend the checker does not know."""
+        tracker = self._trackers.get((service, backend_key))
+        return None if tracker is None else tracker.record()
+
     def records(self) -> dict[CheckKey, HealthRecord]:
         return {key: tracker.record() for key, tracker in self._trackers.items()}
 

@@ -1,0 +1,83 @@
+"""A backend's server dies under a steady stream of new flows, then comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .daemon_harness import (
+    EchoBackend,
+    MakeDaemon,
+    Stream,
+    applies_changing,
+    proxy_service,
+    where_ring_sends,
+)
+
+INTERVAL = 0.2
+RISE = 2
+FALL = 2
+# The log line is written after the driver applied the change; the reconciler
+# waits 20 ms to coalesce a burst first. Scheduling noise on a busy 2-core box.
+APPLY_SLACK = 0.1
+
+
+async def test_dead_backend_leaves_the_ring_in_time_and_returns(
+    make_daemon: MakeDaemon, net: str
+) -> None:
+    backends = [EchoBackend(f"b{i}", f"{net}.{10 + i}") for i in (1, 2, 3)]
+    for backend in backends:
+        await backend.start()
+    victim = backends[1]
+    daemon = make_daemon(
+        proxy_service(
+            "web",
+            f"{net}.10",
+            [f'address = "{b.address}"\nport = {b.port}' for b in backends],
+            health=f'type = "tcp"\ninterval = {INTERVAL}\ntimeout = 0.1\n'
+            f"rise = {RISE}\nfall = {FALL}",
+        )
+    )
+    await daemon.wait_ready()
+
+    async with Stream(f"{net}.10") as stream:
+        await asyncio.sleep(0.5)
+        killed_at = time.time()
+        await victim.kill()
+        await daemon.wait_for(
+            lambda d: daemon.backend(d, "web", victim.key)["role"] == "down", 3.0, "victim down"
+        )
+        await asyncio.sleep(0.5)
+        restarted_at = time.time()
+        await victim.start()
+        await daemon.wait_for(
+            lambda d: daemon.backend(d, "web", victim.key)["role"] == "active",
+            3.0,
+            "victim back",
+        )
+        await asyncio.sleep(0.3)
+
+    changes = applies_changing(daemon, victim.key)
+    removed_at = next(e["ts"] for e in changes if e["ts"] >= killed_at)
+    returned_at = next(e["ts"] for e in changes if e["ts"] >= restarted_at)
+    assert removed_at - killed_at <= INTERVAL * FALL + INTERVAL + APPLY_SLACK
+    assert returned_at - restarted_at <= INTERVAL * RISE + INTERVAL + APPLY_SLACK
+
+    before = [r for r in stream.results if r.started < killed_at]
+    assert {r.backend for r in before} == {"b1", "b2", "b3"}
+    assert not [r for r in before if r.error]
+
+    # Only flows the ring gave the victim may fail, and only until it left the ring.
+    failed = stream.errors()
+    assert failed, "the stream should have hit the dead backend before detection"
+    assert all(killed_at <= r.started <= removed_at for r in failed)
+    assert all(r.src_port for r in failed), failed
+    assert {where_ring_sends(daemon.config_path, "web", r) for r in failed} == {victim.key}
+
+    gone = [r for r in stream.results if removed_at < r.started < restarted_at]
+    assert len(gone) > 20
+    assert {r.backend for r in gone} == {"b1", "b3"}
+
+    back = [r for r in stream.results if r.started > returned_at]
+    assert "b2" in {r.backend for r in back}
+    assert not [r for r in back if r.error]
