@@ -23,7 +23,7 @@ import enum
 import logging
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
 from passlb.control.desired import BackendDesired
 from passlb.dataplane.base import Flow
@@ -72,8 +72,8 @@ class _Side(asyncio.Protocol):
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is not an asyncio.Transport subclass).
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
