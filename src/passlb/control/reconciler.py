@@ -116,7 +116,7 @@ class Reconciler:
         drivers: Mapping[Mode, Driver],
         *,
         clock: Clock = time.monotonic,
-        resync_interval: float = 60.0,
+        resync_interval: float = 300.0,  # a full resync re-reads every ring from the kernel
         retry_delay: float = 1.0,
         coalesce_delay: float = 0.02,
         on_apply: Callable[[ApplyRecord], None] | None = None,

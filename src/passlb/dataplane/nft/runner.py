@@ -62,6 +62,26 @@ def _context_in_netns(netns: str) -> nftables.Nftables:
     return made[0]
 
 
+BIG_TEXT = 1 << 20  # a full 65537-slot ring is several MB of nft text or JSON
+
+
+def release_heap() -> None:
+    """Hand freed heap back to the kernel after a big transaction or listing.
+
+    libnftables parses and prints every element of a ring; glibc keeps the
+    freed memory in its arenas, so without this a daemon with two full rings
+    sits at ~250 MB RSS instead of ~100 MB.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: nothing to trim
+    _LIBC = None
+
+
 class NftRunner:
     """The real nftables, in this network namespace or in the named one."""
 
@@ -83,6 +103,8 @@ class NftRunner:
         with self._lock:
             self._nft.set_json_output(False)
             rc, out, err = self._nft.cmd(script)
+        if len(script) > BIG_TEXT:
+            release_heap()
         if rc != 0:
             raise DataplaneError(_describe_failure(script, err))
         return str(out)
@@ -100,6 +122,8 @@ class NftRunner:
         if rc != 0:
             raise DataplaneError(f"nft {command!r} failed: {err.strip()}")
         items: list[Json] = json.loads(out)["nftables"] if out else []
+        if len(out or "") > BIG_TEXT:
+            release_heap()
         return [i for i in items if "metainfo" not in i]
 
     def read(self, table: Table) -> Ruleset | None:
