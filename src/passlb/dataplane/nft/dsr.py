@@ -25,16 +25,16 @@ key hashes the client address: `jhash ip6 saddr mod 0xffffffff seed S . sport . 
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from passlb.control.desired import BackendDesired, DesiredState, ServiceDesired
-from passlb.dataplane.base import ApplyResult, BackendCounters, Flow, ServiceCounters
-from passlb.dataplane.nft.objects import Chain, Counter, CounterValue, Element, Set, Table
+from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
+from passlb.dataplane.nft.counters import service_counters
+from passlb.dataplane.nft.names import ServiceNames, ident
+from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
 from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge, same_declaration
 from passlb.dataplane.nft.transaction import Transaction
 from passlb.errors import DataplaneError
@@ -49,41 +49,6 @@ CLIENT_HASH_MOD = 0xFFFFFFFF  # IPv6 flow key: the client address hashed to 32 b
 # Element comments on backends4/6 name the owner of each id: "<service>/<backend key>".
 # Backend keys never hold "/", so the last "/" splits them.
 _OWNER_SEP = "/"
-_SIMPLE_NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
-
-
-def ident(name: str) -> str:
-    """An nft-safe, collision-free identifier for a service or interface name."""
-    if _SIMPLE_NAME.fullmatch(name):
-        return name
-    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name)[:32]
-    return f"{cleaned}_{hashlib.sha256(name.encode()).hexdigest()[:6]}"
-
-
-@dataclass(frozen=True)
-class ServiceNames:
-    """The nft object names of one service."""
-
-    ident: str
-
-    @staticmethod
-    def of(service: str) -> ServiceNames:
-        return ServiceNames(ident(service))
-
-    @property
-    def chain(self) -> str:
-        return f"svc_{self.ident}"
-
-    @property
-    def ring(self) -> str:
-        return f"ring_{self.ident}"
-
-    @property
-    def drop_counter(self) -> str:
-        return f"drop_{self.ident}"
-
-    def flows(self, transport: str) -> str:
-        return f"flows_{self.ident}_{transport}"
 
 
 def _family(address: IPAddress) -> int:
@@ -398,26 +363,13 @@ class DsrDriver:
     # -- reads ----------------------------------------------------------------------
 
     def counters(self) -> dict[str, ServiceCounters]:
-        values = self.nft.read_counters(self.table)
-        result: dict[str, ServiceCounters] = {}
-        for sd in self._known_services():
-            active = self._active_flows(sd)
-            backends: dict[str, BackendCounters] = {}
-            for b in sd.backends:
-                bid = self._owners.ids.get((sd.service.name, b.key))
-                if bid is None:
-                    continue
-                pkts = values.get(f"pkts_{bid}", CounterValue())
-                new = values.get(f"new_{bid}", CounterValue())
-                backends[b.key] = BackendCounters(
-                    packets=pkts.packets,
-                    bytes=pkts.bytes,
-                    new_flows=new.packets,
-                    active_flows=active.get(bid, 0),
-                )
-            drop = values.get(ServiceNames.of(sd.service.name).drop_counter, CounterValue())
-            result[sd.service.name] = ServiceCounters(backends=backends, dropped=drop.packets)
-        return result
+        services = self._known_services()
+        active: dict[int, int] = {}
+        for sd in services:
+            active.update(self._active_flows(sd))
+        return service_counters(
+            services, self._owners.ids, self.nft.read_counters(self.table), active
+        )
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
         found: list[Flow] = []

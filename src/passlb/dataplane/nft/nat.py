@@ -34,15 +34,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from passlb.control.desired import BackendDesired, DesiredState, ServiceDesired
-from passlb.dataplane.base import ApplyResult, BackendCounters, Flow, ServiceCounters
+from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.nft.conntrack import (
     ConntrackTable,
     CtEntry,
     CtFilter,
     NetlinkConntrack,
 )
-from passlb.dataplane.nft.dsr import ServiceNames, ident
-from passlb.dataplane.nft.objects import Chain, Counter, CounterValue, Element, Set, Table
+from passlb.dataplane.nft.counters import service_counters
+from passlb.dataplane.nft.names import ServiceNames, ident
+from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
 from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge
 from passlb.dataplane.nft.transaction import Transaction
 from passlb.errors import DataplaneError
@@ -411,25 +412,9 @@ class NatDriver:
 
     def counters(self) -> dict[str, ServiceCounters]:
         values = self.nft.read_counters(self.table)
-        active = self._active_by_mark()
-        result: dict[str, ServiceCounters] = {}
-        for sd in self._known_services():
-            backends: dict[str, BackendCounters] = {}
-            for b in sd.backends:
-                bid = self._ids.ids.get((sd.service.name, b.key))
-                if bid is None:
-                    continue
-                pkts = values.get(f"pkts_{bid}", CounterValue())
-                new = values.get(f"new_{bid}", CounterValue())
-                backends[b.key] = BackendCounters(
-                    packets=pkts.packets,
-                    bytes=pkts.bytes,
-                    new_flows=new.packets,
-                    active_flows=active.get(bid, 0),
-                )
-            drop = values.get(ServiceNames.of(sd.service.name).drop_counter, CounterValue())
-            result[sd.service.name] = ServiceCounters(backends=backends, dropped=drop.packets)
-        return result
+        return service_counters(
+            self._known_services(), self._ids.ids, values, self._active_by_mark()
+        )
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
         found: list[Flow] = []

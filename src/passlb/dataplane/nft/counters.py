@@ -1,0 +1,42 @@
+"""Per-backend counters of a kernel driver, from its table's named counters.
+
+Both kernel drivers name their counters alike: `pkts_<id>` (client → backend
+packets and bytes), `new_<id>` (new flows) and the service's drop counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from passlb.control.desired import ServiceDesired
+from passlb.dataplane.base import BackendCounters, ServiceCounters
+from passlb.dataplane.nft.names import ServiceNames
+from passlb.dataplane.nft.objects import CounterValue
+
+
+def service_counters(
+    services: Iterable[ServiceDesired],
+    ids: Mapping[tuple[str, str], int],
+    values: Mapping[str, CounterValue],
+    active: Mapping[int, int],
+) -> dict[str, ServiceCounters]:
+    """Counters by service from the table's counter values, backend ids
+    ((service, backend key) -> id) and active flows by id."""
+    result: dict[str, ServiceCounters] = {}
+    for sd in services:
+        backends: dict[str, BackendCounters] = {}
+        for b in sd.backends:
+            bid = ids.get((sd.service.name, b.key))
+            if bid is None:
+                continue
+            pkts = values.get(f"pkts_{bid}", CounterValue())
+            new = values.get(f"new_{bid}", CounterValue())
+            backends[b.key] = BackendCounters(
+                packets=pkts.packets,
+                bytes=pkts.bytes,
+                new_flows=new.packets,
+                active_flows=active.get(bid, 0),
+            )
+        drop = values.get(ServiceNames.of(sd.service.name).drop_counter, CounterValue())
+        result[sd.service.name] = ServiceCounters(backends=backends, dropped=drop.packets)
+    return result
