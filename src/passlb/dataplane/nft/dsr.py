@@ -33,7 +33,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from passlb.control.desired import BackendDesired, DesiredState, ServiceDesired
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.nft.counters import service_counters
-from passlb.dataplane.nft.names import ServiceNames, ident
+from passlb.dataplane.nft.names import ServiceNames, check_services, ident
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
 from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge, same_declaration
 from passlb.dataplane.nft.transaction import Transaction
@@ -272,7 +272,7 @@ class DsrDriver:
 
     def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
         started = time.monotonic()
-        _check_services(desired)
+        check_services(desired)
         full = full or self._applied is None
         current = self.nft.read(self.table) if full else self._applied
         if not self._adopted:
@@ -427,20 +427,6 @@ def _was_cut(previous: DesiredState | None, service: str, b: BackendDesired) -> 
     sd = previous.service(service)
     before = sd.backend(b.key) if sd is not None else None
     return before is not None and before.cut_flows
-
-
-def _check_services(desired: DesiredState) -> None:
-    seen: dict[str, str] = {}
-    for sd in desired.services:
-        i = ident(sd.service.name)
-        if i in seen and seen[i] != sd.service.name:
-            raise DataplaneError(f"services {seen[i]!r} and {sd.service.name!r} share nft names")
-        seen[i] = sd.service.name
-        if sd.ring is not None and len(sd.ring) != sd.service.ring_size:
-            raise DataplaneError(
-                f"service {sd.service.name!r}: ring has {len(sd.ring)} slots, "
-                f"ring_size is {sd.service.ring_size}"
-            )
 
 
 def _decode_flow(service: str, backend: str, transport: str, vip: IPAddress, elem: Element) -> Flow:

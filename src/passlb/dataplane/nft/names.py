@@ -6,6 +6,9 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from passlb.control.desired import DesiredState
+from passlb.errors import DataplaneError
+
 _SIMPLE_NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 
@@ -41,3 +44,19 @@ class ServiceNames:
 
     def flows(self, transport: str) -> str:
         return f"flows_{self.ident}_{transport}"
+
+
+def check_services(desired: DesiredState) -> None:
+    """Refuse a state whose services would collide in nft names or whose rings
+    do not have their configured size: nothing is written then."""
+    seen: dict[str, str] = {}
+    for sd in desired.services:
+        i = ident(sd.service.name)
+        if i in seen and seen[i] != sd.service.name:
+            raise DataplaneError(f"services {seen[i]!r} and {sd.service.name!r} share nft names")
+        seen[i] = sd.service.name
+        if sd.ring is not None and len(sd.ring) != sd.service.ring_size:
+            raise DataplaneError(
+                f"service {sd.service.name!r}: ring has {len(sd.ring)} slots, "
+                f"ring_size is {sd.service.ring_size}"
+            )

@@ -42,7 +42,7 @@ from passlb.dataplane.nft.conntrack import (
     NetlinkConntrack,
 )
 from passlb.dataplane.nft.counters import service_counters
-from passlb.dataplane.nft.names import ServiceNames, ident
+from passlb.dataplane.nft.names import ServiceNames, check_services
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
 from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge
 from passlb.dataplane.nft.transaction import Transaction
@@ -354,7 +354,7 @@ class NatDriver:
 
     def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
         started = time.monotonic()
-        _check_services(desired)
+        check_services(desired)
         full = full or self._applied is None
         current = self.nft.read(self.table) if full else self._applied
         if not self._adopted:
@@ -488,17 +488,3 @@ def _services_with_ring(current: Ruleset | None, desired: DesiredState) -> set[s
         for sd in desired.services
         if ServiceNames.of(sd.service.name).ring in current.sets
     }
-
-
-def _check_services(desired: DesiredState) -> None:
-    seen: dict[str, str] = {}
-    for sd in desired.services:
-        i = ident(sd.service.name)
-        if i in seen and seen[i] != sd.service.name:
-            raise DataplaneError(f"services {seen[i]!r} and {sd.service.name!r} share nft names")
-        seen[i] = sd.service.name
-        if sd.ring is not None and len(sd.ring) != sd.service.ring_size:
-            raise DataplaneError(
-                f"service {sd.service.name!r}: ring has {len(sd.ring)} slots, "
-                f"ring_size is {sd.service.ring_size}"
-            )
