@@ -110,7 +110,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from passlb.daemon import cleanup_dataplane
 
-    cleanup_dataplane()
+    removed = cleanup_dataplane()
+    for table in removed:
+        print(f"removed table {table}")
+    if not removed:
+        print("no passlb tables to remove")
     return EXIT_OK
 
 

@@ -77,13 +77,16 @@ def build_drivers(config: Config, interfaces: tuple[str, ...]) -> dict[Mode, Dri
     return drivers
 
 
-def cleanup_dataplane() -> None:
-    """Remove every kernel table passlb installed (`passlb cleanup`)."""
-    from passlb.dataplane.nft.dsr import DsrDriver
-    from passlb.dataplane.nft.nat import NatDriver
+def cleanup_dataplane() -> list[str]:
+    """Remove every kernel table passlb installed (`passlb cleanup`); the removed ones."""
+    from passlb.dataplane.nft import dsr, nat
+    from passlb.dataplane.nft.objects import Table
+    from passlb.dataplane.nft.ruleset import delete_table
+    from passlb.dataplane.nft.runner import NftRunner
 
-    DsrDriver(interfaces=()).cleanup()
-    NatDriver().cleanup()
+    runner = NftRunner()
+    tables = (Table("netdev", dsr.DEFAULT_TABLE), Table("inet", nat.DEFAULT_TABLE))
+    return [f"{t.family} {t.name}" for t in tables if delete_table(runner, t)]
 
 
 class Daemon:

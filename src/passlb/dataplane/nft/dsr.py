@@ -35,7 +35,13 @@ from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.nft.counters import service_counters
 from passlb.dataplane.nft.names import ServiceNames, check_services, ident
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
-from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge, same_declaration
+from passlb.dataplane.nft.ruleset import (
+    NftBackend,
+    Ruleset,
+    converge,
+    delete_table,
+    same_declaration,
+)
 from passlb.dataplane.nft.transaction import Transaction
 from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import hash_fields
@@ -413,10 +419,7 @@ class DsrDriver:
 
     def cleanup(self) -> None:
         """Delete the whole table (forwarding stops; flow tables are gone)."""
-        if self.nft.read(self.table) is not None:
-            tx = Transaction(self.table)
-            tx.delete(self.table)
-            self.nft.apply(tx)
+        delete_table(self.nft, self.table)
         self._applied = None
         self._desired = None
 

@@ -44,8 +44,7 @@ from passlb.dataplane.nft.conntrack import (
 from passlb.dataplane.nft.counters import service_counters
 from passlb.dataplane.nft.names import ServiceNames, check_services
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
-from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge
-from passlb.dataplane.nft.transaction import Transaction
+from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge, delete_table
 from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import hash_fields
 from passlb.model import PortSet
@@ -471,10 +470,7 @@ class NatDriver:
     def cleanup(self) -> None:
         """Delete the whole table. New flows are no longer balanced; established ones
         keep their DNAT binding in conntrack until they end."""
-        if self.nft.read(self.table) is not None:
-            tx = Transaction(self.table)
-            tx.delete(self.table)
-            self.nft.apply(tx)
+        delete_table(self.nft, self.table)
         self._applied = None
         self._desired = None
 

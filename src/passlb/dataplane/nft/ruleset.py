@@ -238,3 +238,13 @@ def converge(
         if name not in desired.counters:
             tx.delete(cur.counters[name])
     return tx
+
+
+def delete_table(nft: NftBackend, table: Table) -> bool:
+    """Delete `table` if it exists (one transaction); whether it existed."""
+    if nft.read(table) is None:
+        return False
+    tx = Transaction(table)
+    tx.delete(table)
+    nft.apply(tx)
+    return True
