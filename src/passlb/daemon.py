@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -302,9 +303,19 @@ class Daemon:
             log.info("stopped; kernel tables %s", "removed" if cleanup else "left forwarding")
 
 
+def raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one: the proxy holds two
+    sockets per connection, and a soft limit of 1024 would cap it at ~500."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open files limit raised from %d to %d", soft, hard)
+
+
 def run_daemon(config_path: str, *, cleanup: bool = False) -> int:
     config = load_config(config_path)
     setup_logging(config.log_level, config.log_format)
+    raise_fd_limit()
     daemon = Daemon(Path(config_path), config)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(daemon.serve(cleanup=cleanup))
