@@ -455,9 +455,5 @@ def applies_changing(daemon: Daemon, backend_key: str) -> list[dict[str, Any]]:
 
 def health_transitions(daemon: Daemon, service: str, backend_key: str) -> list[dict[str, Any]]:
     """The checker's up/down transitions of one backend (log entries, in order)."""
-    prefix = f"health {service}/{backend_key}: {backend_key} "
-    return [
-        e
-        for e in daemon.log()
-        if e["msg"].startswith(prefix) and " -> " in e["msg"] and "reported weight" not in e["msg"]
-    ]
+    prefix = f"health_transition service={service} backend={backend_key} "
+    return [e for e in daemon.log() if e["msg"].startswith(prefix)]

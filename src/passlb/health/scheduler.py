@@ -29,9 +29,11 @@ from passlb.health.policy import (
     HealthState,
     HealthTracker,
     ProbeResult,
+    Transition,
 )
 from passlb.health.probes import probe as run_probe
 from passlb.health.target import health_path, health_spec, probe_target
+from passlb.logs import log_event
 from passlb.model import Config, HealthSpec, HealthType, IPAddress
 
 log = logging.getLogger(__name__)
@@ -251,7 +253,27 @@ class HealthChecker:
         if not events or status is None:
             return
         for event in events:
-            log.info("health %s/%s: %s", key[0], key[1], event)
+            if isinstance(event, Transition):
+                log_event(
+                    log,
+                    logging.INFO,
+                    "health_transition",
+                    service=key[0],
+                    backend=key[1],
+                    previous=event.previous.value,
+                    current=event.current.value,
+                    reason=event.reason,
+                )
+            else:
+                log_event(
+                    log,
+                    logging.INFO,
+                    "reported_weight",
+                    service=key[0],
+                    backend=key[1],
+                    previous=event.previous,
+                    current=event.current,
+                )
         try:
             self._on_transition(key[0], key[1], status)
         except Exception:
