@@ -203,3 +203,15 @@ async def test_run_retries_after_a_failure() -> None:
         await task
     assert rec.stats.apply_failures == 2
     assert drivers[Mode.DSR].syncs and drivers[Mode.DSR].syncs[0][1] is True
+
+
+def test_an_unexpected_driver_exception_is_a_failed_apply_not_a_crash() -> None:
+    rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11"))
+
+    def broken(desired: DesiredState, *, full: bool = False) -> ApplyResult:
+        raise RuntimeError("bug")
+
+    drivers[Mode.DSR].sync = broken  # type: ignore[method-assign]
+    record = rec.apply_once()
+    assert record.error == "internal error: RuntimeError('bug')"
+    assert rec.stats.apply_failures == 1 and rec.applied is None

@@ -222,6 +222,9 @@ class Reconciler:
                 driver.sync(part, full=full)
         except PasslbError as err:
             error = str(err)
+        except Exception as err:  # a bug must not end the reconciler: log it, retry in full
+            log.exception("apply raised")
+            error = f"internal error: {err!r}"
         record = ApplyRecord(
             at=time.time(),
             duration=time.perf_counter() - started,
