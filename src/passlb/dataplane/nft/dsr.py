@@ -2,8 +2,11 @@
 
 The table (docs/dataplane-dsr.md draws it):
 
-    ingress_<if>  base chain per interface: ip/ip6 daddr . l4proto . dport vmap @dispatch4/6
-    dispatch4/6   VIP . proto . port(range) -> goto svc_<service>
+    ingress_<if>  base chain per interface: ip/ip6 daddr . l4proto . dport vmap @exact4/6,
+                  then the same key vmap @dispatch4/6
+    exact4/6      VIP . proto . port -> goto svc_<service>  (hash: cheaper than an interval
+                  lookup, and most services name single ports)
+    dispatch4/6   VIP . proto . port range or all -> goto svc_<service>  (interval)
     svc_<service> 1. established: flow table hit -> refresh, count, fwd to that backend
                   2. new: mark = ring slot (jhash with the service's seed) -> backend id
                   3. record the flow (own rule: when the table is full only this rule fails)
@@ -72,10 +75,15 @@ def flow_key_expr(family: int, seed: int) -> str:
     return f"jhash ip6 saddr mod {CLIENT_HASH_MOD} seed {seed:#x} . th sport . th dport"
 
 
-def _port_keys(ports: PortSet) -> list[str]:
+def _dispatch_keys(ports: PortSet, family: int) -> list[tuple[str, str]]:
+    """(dispatch map, port key) of each port or range: single ports go to the
+    exact-match map, ranges and `all` to the interval map."""
     if ports.all_ports:
-        return ["0-65535"]
-    return [str(r) for r in ports.ranges]
+        return [(f"dispatch{family}", "0-65535")]
+    return [
+        (f"exact{family}" if r.first == r.last else f"dispatch{family}", str(r))
+        for r in ports.ranges
+    ]
 
 
 def _ring_key_expr(sd: ServiceDesired) -> str:
@@ -154,14 +162,9 @@ def render(
     for family in (4, 6):
         ip = _ip(family)
         rs.add_set(Set(f"backends{family}", "meta mark", f"{ip} daddr"))
-        rs.add_set(
-            Set(
-                f"dispatch{family}",
-                f"{ip} daddr . meta l4proto . th dport",
-                "verdict",
-                flags=("interval",),
-            )
-        )
+        dispatch_key = f"{ip} daddr . meta l4proto . th dport"
+        rs.add_set(Set(f"exact{family}", dispatch_key, "verdict"))
+        rs.add_set(Set(f"dispatch{family}", dispatch_key, "verdict", flags=("interval",)))
     pkts: list[Element] = []
     new: list[Element] = []
     for sd in desired.services:
@@ -171,10 +174,9 @@ def render(
         rs.add_chain(Chain(names.chain), _service_rules(sd, names))
         rs.add_counter(Counter(names.drop_counter, comment=svc.name))
         for transport in svc.protocol.transports:
-            for port in _port_keys(svc.ports):
-                rs.elements[f"dispatch{family}"][(str(svc.vip), transport, port)] = Element(
-                    f"dispatch{family}", (str(svc.vip), transport, port), f"goto {names.chain}"
-                )
+            for dispatch, port in _dispatch_keys(svc.ports, family):
+                key = (str(svc.vip), transport, port)
+                rs.elements[dispatch][key] = Element(dispatch, key, f"goto {names.chain}")
             rs.add_set(
                 Set(
                     names.flows(transport),
@@ -212,8 +214,9 @@ def render(
             ),
             [
                 f"meta protocol {_ip(f)} meta l4proto {{ tcp, udp }} "
-                f"{_ip(f)} daddr . meta l4proto . th dport vmap @dispatch{f}"
+                f"{_ip(f)} daddr . meta l4proto . th dport vmap @{dispatch}{f}"
                 for f in (4, 6)
+                for dispatch in ("exact", "dispatch")
             ],
         )
     return rs
