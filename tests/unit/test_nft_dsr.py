@@ -223,3 +223,15 @@ def test_odd_service_names_get_safe_nft_names(name: str) -> None:
     drv = _driver(fake)
     drv.sync(desired(service(name, "198.18.0.10", B[:1])))
     assert _send(fake, drv, _tcp(7)) == B[0]
+
+
+def test_every_ingress_interface_balances_and_forwards_out_of_itself() -> None:
+    fake = FakeNft()
+    drv = DsrDriver(["eth0", "eth1"], fake, table="passlb_t")
+    drv.sync(desired(service("web", "198.18.0.10", B)))
+    for device in ("eth0", "eth1"):
+        pkt = replace(_tcp(40000), iif=device)
+        result = trace(fake.ruleset(drv.table), pkt, f"ingress_{device}")
+        assert result.verdict == "fwd"
+        assert result.fwd_to in B
+        assert result.fwd_device == device
