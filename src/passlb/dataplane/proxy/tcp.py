@@ -110,6 +110,11 @@ class _Side(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write_eof()
 
+    def detach(self) -> None:
+        """Drop the links to the relay and the transport, once the socket is gone."""
+        self.transport = None
+        del self.relay
+
     def close(self, *, reset: bool) -> None:
         transport = self.transport
         if transport is None or self.lost:
@@ -237,26 +242,33 @@ class TcpRelay:
         self._backend = backend
         runtime.flow_opened(self, backend.key)
         self.phase = Phase.CONNECTING
-        address = (str(backend.address), runtime.backend_port(backend, self.vip[1]))
-        family = socket.AF_INET6 if backend.address.version == 6 else socket.AF_INET
+        host, port = str(backend.address), runtime.backend_port(backend, self.vip[1])
+        async with asyncio.timeout(runtime.options.connect_timeout):
+            if runtime.options.transparent:
+                await self._connect_transparent(host, port, backend.address.version)
+            else:
+                # By host and port, not sock_connect: uvloop's sock_connect
+                # resolves even a numeric address on its thread pool.
+                await self._loop.create_connection(lambda: self._backend_side, host, port)
+        if self.phase is Phase.CLOSED:
+            self._backend_side.close(reset=True)
+            return
+        self._start_relay()
+
+    async def _connect_transparent(self, host: str, port: int, version: int) -> None:
+        """Connect from the client's own address (IP_TRANSPARENT, bound before connect)."""
+        family = socket.AF_INET6 if version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            if runtime.options.transparent:
-                set_transparent(sock, family)
-                sock.bind((str(self.client[0]), 0))
-            await asyncio.wait_for(
-                self._loop.sock_connect(sock, address), runtime.options.connect_timeout
-            )
+            set_transparent(sock, family)
+            sock.bind((str(self.client[0]), 0))
+            await self._loop.sock_connect(sock, (host, port))
             await self._loop.create_connection(lambda: self._backend_side, sock=sock)
         except BaseException:
             if self._backend_side.transport is None:
                 sock.close()
             raise
-        if self.phase is Phase.CLOSED:
-            self._backend_side.close(reset=True)
-            return
-        self._start_relay()
 
     def _start_relay(self) -> None:
         self.phase = Phase.RELAYING
@@ -406,7 +418,14 @@ class TcpRelay:
             self.runtime.flow_closed(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+            self._idle_timer = None
         client_gone = self._client_side.transport is None or self._client_side.lost
         backend_gone = self._backend_side.transport is None or self._backend_side.lost
         if client_gone and backend_gone and not self.done.done():
             self.done.set_result(None)
+            if self.task is None or self.task.done():
+                # No socket calls back any more, and no setup can make one:
+                # without these cycles the relay is freed at once, not by the
+                # cyclic GC (~10 % of the CPU a connection costs).
+                self._client_side.detach()
+                self._backend_side.detach()
