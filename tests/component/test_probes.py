@@ -123,6 +123,27 @@ def test_tcp_up_then_refused_when_the_listener_closes() -> None:
     run(scenario)
 
 
+def test_tcp_times_out_while_the_handshake_hangs() -> None:
+    # A full accept queue drops the probe's SYN: the connect stays pending,
+    # so the probe waits for the socket and the timeout has to end it.
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            result = check(HealthSpec(type=HealthType.TCP, timeout=0.2), port)
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert not result.ok and result.reason == "timeout after 0.2s"
+
+
 # ---------------------------------------------------------------- http
 
 

@@ -249,8 +249,10 @@ class HealthChecker:
     def _report(
         self, key: CheckKey, tracker: HealthTracker, events: tuple[HealthEvent, ...]
     ) -> None:
+        if not events:
+            return
         status = tracker.status()
-        if not events or status is None:
+        if status is None:
             return
         for event in events:
             if isinstance(event, Transition):
