@@ -33,6 +33,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from docs_section import DOC, write_section
+
 SERVICES = 100
 BACKENDS_PER_SERVICE = 10
 PORT = 9000
@@ -44,8 +46,6 @@ FAILURES = 8  # backends failed during the window, one at a time
 TARGET_CPU = 10.0  # % of one core
 TARGET_RSS_MB = 200.0
 TARGET_DETECTION = INTERVAL * FALL + 0.1
-START, END = "<!-- daemon:start -->", "<!-- daemon:end -->"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -238,7 +238,6 @@ def section(result: dict[str, Any]) -> str:
     )
     return "\n".join(
         [
-            START,
             "## Daemon at scale",
             "",
             f"`bench/bench_daemon.py`, {datetime.date.today()}, {os.cpu_count()} CPUs "
@@ -283,19 +282,8 @@ def section(result: dict[str, Any]) -> str:
             "one asyncio loop (timers, epoll, the loopback handshake in system time) cost",
             "what the table shows; the next steps are batching probe timers per tick and",
             "moving ring builds off the event loop (each blocks it 40-90 ms).",
-            END,
         ]
     )
-
-
-def write_section(text: str) -> None:
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        updated = head + text + rest.split(END, 1)[1]
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(updated)
 
 
 def main() -> None:
@@ -309,7 +297,7 @@ def main() -> None:
     if result["missed"]:
         print(f"no ring change seen for: {', '.join(result['missed'])}")
     if not args.no_write:
-        write_section(text)
+        write_section("daemon", text)
         print(f"\nwritten to {DOC}")
 
 

@@ -51,7 +51,6 @@ from dataplane_report import (
     hop_table,
     idle_lines,
     results_table,
-    write_section,
 )
 from dataplane_targets import (
     ALL_TARGETS,
@@ -70,6 +69,7 @@ from dataplane_workloads import (
     udp_pps,
     wait_until_serving,
 )
+from docs_section import write_section
 
 from passlb.lab import Lab, LabError, LabSpec
 
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(section)
     if not args.no_write:
-        write_section(args.docs, section)
+        write_section("dataplane", section, args.docs)
         log.info("wrote %s", args.docs)
     return 0
 

@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from docs_section import DOC, write_section
+
 from passlb.hashing import maglev
 from passlb.hashing.maglev import build_ring
 
 RUNS = 7
-START, END = "<!-- maglev:start -->", "<!-- maglev:end -->"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 # (backends, ring size). The ring must hold >= 100 slots per backend (the Maglev
 # paper's 1 % bound), so 1000 backends need 100003 slots, not 65537.
@@ -79,7 +79,6 @@ def section(rows: list[str]) -> str:
     today = datetime.date.today().isoformat()
     return "\n".join(
         [
-            START,
             "## Maglev ring",
             "",
             f"`bench/bench_maglev.py`, {today}, {machine()}; median of {RUNS} runs.",
@@ -89,20 +88,8 @@ def section(rows: list[str]) -> str:
             "| backends | slots | build (ms) | diff (ms) | slots changed |",
             "|---:|---:|---:|---:|---:|",
             *rows,
-            END,
         ]
     )
-
-
-def write_section(text: str) -> None:
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        updated = head + text + tail
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(updated)
 
 
 def main() -> None:
@@ -113,7 +100,7 @@ def main() -> None:
     )
     text = section(rows)
     print(text)
-    write_section(text)
+    write_section("maglev", text)
     print(f"\nwritten to {DOC}")
 
 

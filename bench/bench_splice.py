@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import cast
 
 import uvloop
+from docs_section import DOC, write_section
 
 from passlb.dataplane.proxy import ProxyDriver
 from passlb.dataplane.proxy.tcp import WRITE_HIGH_WATER, WRITE_LOW_WATER
@@ -52,8 +53,6 @@ CHUNK = 1024 * 1024  # sender's write and receiver's read size
 RUNS = 3
 LOCALHOST = "127.0.0.1"
 MODES = ("protocol-asyncio", "protocol-uvloop", "splice-64k", "splice-1m", "proxy")
-START, END = "<!-- splice:start -->", "<!-- splice:end -->"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 TICKS = os.sysconf("SC_CLK_TCK")
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
@@ -317,7 +316,6 @@ def section(results: dict[str, list[Run]]) -> str:
         )
     return "\n".join(
         [
-            START,
             "## Proxy relay: splice vs. transports (issue 7, zero-copy)",
             "",
             f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} vCPU, "
@@ -334,19 +332,8 @@ def section(results: dict[str, list[Run]]) -> str:
             "",
             verdict(results),
             "",
-            END,
         ]
     )
-
-
-def write_section(text: str) -> None:
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        updated = head + text + rest.split(END, 1)[1]
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(updated)
 
 
 def main() -> None:
@@ -370,7 +357,7 @@ def main() -> None:
     text = section(results)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("splice", text)
         print(f"\nwritten to {DOC}")
 
 

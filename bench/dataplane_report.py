@@ -1,23 +1,18 @@
 """The data-plane benchmark's results as Markdown, and their place in docs/benchmarks.md.
 
-Pure: values in, text out (`write_section` is the one function touching a file).
+Pure: values in, text out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dataplane_workloads import Measurement
 
 if TYPE_CHECKING:
     from dataplane_memory import IdleMemory
-
-START_MARKER = "<!-- dataplane:start -->"
-END_MARKER = "<!-- dataplane:end -->"
-DOC_TITLE = "# passlb benchmarks\n"
 
 
 @dataclass(frozen=True)
@@ -211,20 +206,3 @@ def control_table(rows: Sequence[Sequence[str]]) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def splice_section(document: str, section: str) -> str:
-    """`document` with the text between the data-plane markers replaced by
-    `section`; the markers are appended when the document has none."""
-    block = f"{START_MARKER}\n{section.strip()}\n{END_MARKER}"
-    start, end = document.find(START_MARKER), document.find(END_MARKER)
-    if start == -1 or end == -1 or end < start:
-        base = document if document.strip() else DOC_TITLE
-        return base.rstrip("\n") + "\n\n" + block + "\n"
-    return document[:start] + block + document[end + len(END_MARKER) :]
-
-
-def write_section(path: Path, section: str) -> None:
-    existing = path.read_text() if path.exists() else ""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(splice_section(existing, section))
