@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, cast
@@ -172,10 +172,16 @@ class FlowResult:
     src_port: int
     backend: str | None  # the name the backend answered with
     error: str | None = None
+    finished: float = 0.0  # wall clock when the answer (or the error) came
 
 
 async def open_flow(vip: str, port: int = PORT) -> FlowResult:
     """One new TCP connection through the VIP: who answered, or why nobody did."""
+    result = await _open_flow(vip, port)
+    return replace(result, finished=time.time())
+
+
+async def _open_flow(vip: str, port: int) -> FlowResult:
     started = time.time()
     # Bound before connecting: a flow reset during the handshake still has its port.
     sock = socket.socket()
