@@ -18,6 +18,7 @@ from typing import Any
 
 import nftables
 
+from passlb.dataplane.nft.netlink import CounterReader
 from passlb.dataplane.nft.objects import (
     Chain,
     Counter,
@@ -36,9 +37,9 @@ _LOCATION = re.compile(r"^(?:[^:\s]*):(\d+):\d+(?:-\d+)?: ", re.MULTILINE)
 Json = dict[str, Any]
 
 
-def _context_in_netns(netns: str) -> nftables.Nftables:
+def _open_in_netns(netns: str) -> tuple[nftables.Nftables, CounterReader]:
     libc = ctypes.CDLL(None, use_errno=True)
-    made: list[nftables.Nftables] = []
+    made: list[tuple[nftables.Nftables, CounterReader]] = []
     failure: list[BaseException] = []
 
     def create() -> None:
@@ -50,7 +51,7 @@ def _context_in_netns(netns: str) -> nftables.Nftables:
                     raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
             finally:
                 os.close(fd)
-            made.append(nftables.Nftables())
+            made.append((nftables.Nftables(), CounterReader()))
         except BaseException as exc:  # handed to the caller's thread below
             failure.append(exc)
 
@@ -87,7 +88,10 @@ class NftRunner:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        self._nft = _context_in_netns(netns) if netns else nftables.Nftables()
+        if netns:
+            self._nft, self._counters = _open_in_netns(netns)
+        else:
+            self._nft, self._counters = nftables.Nftables(), CounterReader()
         self._lock = threading.Lock()  # one libnftables context is not thread-safe
 
     # -- writes ---------------------------------------------------------------
@@ -156,12 +160,9 @@ class NftRunner:
         raise DataplaneError(f"set {set_name!r} not found in table {table.name!r}")
 
     def read_counters(self, table: Table) -> dict[str, CounterValue]:
-        items = self.list_json(f"list counters table {table.family} {table.name}")
-        return {
-            i["counter"]["name"]: CounterValue(i["counter"]["packets"], i["counter"]["bytes"])
-            for i in items
-            if "counter" in i
-        }
+        # Over nfnetlink, not `list counters`: see netlink.py for why.
+        with self._lock:
+            return self._counters.read(table.family, table.name)
 
     def _table_exists(self, table: Table) -> bool:
         items = self.list_json(f"list tables {table.family}")
