@@ -40,3 +40,23 @@ def test_netlink_counters_equal_nft_listing(make_lab: MakeLab, family: str) -> N
     assert len(read) == 1500 and read["c1499"] == CounterValue(1499 * 7, 1499 * 1_000_003)
     assert "elsewhere" not in read  # filtered by table in the kernel
     assert nft.read_counters(Table(family, "absent")) == {}
+
+
+def test_count_marks_counts_map_values_like_nft_lists_them(make_lab: MakeLab) -> None:
+    lab = make_lab(backends=1, clients=1, ipv6=False)
+    nft = NftRunner(lab.lb.ns)
+    table = Table("netdev", "counted")
+    flows = [f"198.18.1.{i % 200} . {1000 + i} . 80 : {1 + i % 3}" for i in range(3000)]
+    nft.run_script(
+        "add table netdev counted\n"
+        "add map netdev counted flows { type ipv4_addr . inet_service . inet_service : mark;"
+        " flags dynamic, timeout; size 65536; }\n"
+        f"add element netdev counted flows {{ {', '.join(flows)} }}\n"
+        "add map netdev counted empty { type ipv4_addr : mark; }"
+    )
+    expected: dict[int, int] = {}
+    for element in nft.read_elements(table, "flows"):
+        expected[int(element.value or 0)] = expected.get(int(element.value or 0), 0) + 1
+    assert nft.count_marks(table, "flows") == expected == {1: 1000, 2: 1000, 3: 1000}
+    assert nft.count_marks(table, "empty") == {}
+    assert nft.count_marks(table, "absent") == {}

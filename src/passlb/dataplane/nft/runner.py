@@ -18,7 +18,7 @@ from typing import Any
 
 import nftables
 
-from passlb.dataplane.nft.netlink import CounterReader
+from passlb.dataplane.nft.netlink import NetlinkReader
 from passlb.dataplane.nft.objects import (
     Chain,
     Counter,
@@ -37,9 +37,9 @@ _LOCATION = re.compile(r"^(?:[^:\s]*):(\d+):\d+(?:-\d+)?: ", re.MULTILINE)
 Json = dict[str, Any]
 
 
-def _open_in_netns(netns: str) -> tuple[nftables.Nftables, CounterReader]:
+def _open_in_netns(netns: str) -> tuple[nftables.Nftables, NetlinkReader]:
     libc = ctypes.CDLL(None, use_errno=True)
-    made: list[tuple[nftables.Nftables, CounterReader]] = []
+    made: list[tuple[nftables.Nftables, NetlinkReader]] = []
     failure: list[BaseException] = []
 
     def create() -> None:
@@ -51,7 +51,7 @@ def _open_in_netns(netns: str) -> tuple[nftables.Nftables, CounterReader]:
                     raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
             finally:
                 os.close(fd)
-            made.append((nftables.Nftables(), CounterReader()))
+            made.append((nftables.Nftables(), NetlinkReader()))
         except BaseException as exc:  # handed to the caller's thread below
             failure.append(exc)
 
@@ -89,9 +89,9 @@ class NftRunner:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         if netns:
-            self._nft, self._counters = _open_in_netns(netns)
+            self._nft, self._netlink = _open_in_netns(netns)
         else:
-            self._nft, self._counters = nftables.Nftables(), CounterReader()
+            self._nft, self._netlink = nftables.Nftables(), NetlinkReader()
         self._lock = threading.Lock()  # one libnftables context is not thread-safe
 
     # -- writes ---------------------------------------------------------------
@@ -162,7 +162,12 @@ class NftRunner:
     def read_counters(self, table: Table) -> dict[str, CounterValue]:
         # Over nfnetlink, not `list counters`: see netlink.py for why.
         with self._lock:
-            return self._counters.read(table.family, table.name)
+            return self._netlink.counters(table.family, table.name)
+
+    def count_marks(self, table: Table, map_name: str) -> dict[int, int]:
+        """How many elements of a map hold each mark value (e.g. flows per backend id)."""
+        with self._lock:
+            return dict(self._netlink.mark_values(table.family, table.name, map_name))
 
     def _table_exists(self, table: Table) -> bool:
         items = self.list_json(f"list tables {table.family}")
