@@ -74,7 +74,19 @@ mode = "dsr"
 
 
 def _fetch_status() -> dict[str, Any]:
-    return ApiClient(API, timeout=1.0).get("/api/v1/status")
+    return ApiClient(API, timeout=5.0).get("/api/v1/status")
+
+
+def _wait_until_down(lab: Lab, address: str, timeout: float = 10.0) -> None:
+    """Until the daemon reports the backend out of the ring (health checks failed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = lab.call(lab.lb.ns, _fetch_status)
+        roles = [b["role"] for s in doc["services"] for b in s["backends"] if b["key"] == address]
+        if roles and all(role == "down" for role in roles):
+            return
+        time.sleep(0.1)
+    raise PasslbError(f"the daemon did not take backend {address} down within {timeout:.0f} s")
 
 
 def _wait_for_daemon(lab: Lab, daemon: subprocess.Popen[Any], timeout: float = 15.0) -> None:
@@ -173,14 +185,19 @@ def run_dsr_demo(flows: int) -> int:
             _say(f"\nStopping the servers on {victim.name}; its health check will fail ...")
             servers[victim.name].send_signal(signal.SIGTERM)
             servers[victim.name].wait(timeout=5)
-            time.sleep(CHECK_INTERVAL * (CHECK_FALL + 2))
+            stopped = time.monotonic()
+            _wait_until_down(lab, victim.ipv4)
+            _say(
+                f"passlb took {victim.name} out of the ring {time.monotonic() - stopped:.1f} s "
+                f"later (checks every {CHECK_INTERVAL} s, down after {CHECK_FALL} failures)."
+            )
             after = lab.call(client.ns, tcp_requests, lab.vip4, TCP_PORT, flows)
             _say(f"{flows} new TCP flows after {victim.name} failed:")
             _say("\n".join(_table(after, names)))
             status = lab.run(lab.lb.ns, [sys.executable, "-m", "passlb.cli", "status"])
             _say("\n$ passlb status\n" + status.stdout)
             ok = received < 1.5 * forwarded and all("backend" in r for r in tcp + udp + tls)
-            ok = ok and not any(r.get("backend") == victim.name for r in after)
+            ok = ok and all(r.get("backend") not in (None, victim.name) for r in after)
         finally:
             daemon.send_signal(signal.SIGTERM)
             try:

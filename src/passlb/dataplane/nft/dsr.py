@@ -125,23 +125,36 @@ def _seconds(value: float) -> str:
     return f"{max(1, round(value))}s"
 
 
-# ring map name -> (ring bytes, backend ids, elements)
-RingCache = dict[str, tuple[bytes, tuple[int, ...], dict[tuple[str, ...], Element]]]
+# ring map name -> (ring, backend ids, elements)
+RingCache = dict[str, tuple[Ring, tuple[int, ...], dict[tuple[str, ...], Element]]]
 
 
 def ring_elements(
     name: str, ring: Ring, backend_ids: Sequence[int], cache: RingCache | None
 ) -> dict[tuple[str, ...], Element]:
-    """slot -> backend id elements of a ring map, reused from `cache` when unchanged."""
-    slots, ids = ring.to_bytes(), tuple(backend_ids)
-    if cache is not None and name in cache and cache[name][:2] == (slots, ids):
-        return cache[name][2]
+    """slot -> backend id elements of a ring map, reused from `cache` when unchanged.
+
+    When only some slots changed, the unchanged slots keep their Element
+    objects, so converge compares them by identity (a ring change after a
+    health event rewrites a third of 65,537 slots, not all of them).
+    """
+    ids = tuple(backend_ids)
     values = [str(bid) for bid in ids]
-    elements: dict[tuple[str, ...], Element] = {}
-    for slot, idx in enumerate(ring.slots):
-        elements[(str(slot),)] = Element(name, (str(slot),), values[idx])
+    previous = cache.get(name) if cache is not None else None
+    if previous is not None and previous[1] == ids and len(previous[0]) == len(ring):
+        if previous[0] == ring:
+            return previous[2]
+        elements = dict(previous[2])
+        slots = ring.slots
+        for slot in ring.diff(previous[0]):
+            elements[(str(slot),)] = Element(name, (str(slot),), values[slots[slot]])
+    else:
+        elements = {
+            (str(slot),): Element(name, (str(slot),), values[idx])
+            for slot, idx in enumerate(ring.slots)
+        }
     if cache is not None:
-        cache[name] = (slots, ids, elements)
+        cache[name] = (ring, ids, elements)
     return elements
 
 

@@ -197,7 +197,8 @@ def converge(
         if want is cur.elements.get(name):
             continue  # the very same elements: a renderer reused them unchanged
         for key, elem in cur.elements.get(name, {}).items():
-            if want.get(key) != elem:
+            wanted = want.get(key)
+            if wanted is not elem and wanted != elem:  # identity first: rings share elements
                 tx.delete(elem)
 
     # 3. New declarations.
@@ -219,7 +220,8 @@ def converge(
         if have is desired.elements.get(name):
             continue
         for key, elem in desired.elements.get(name, {}).items():
-            if have.get(key) != elem:
+            had = have.get(key)
+            if had is not elem and had != elem:
                 tx.add(elem)
 
     # 5. Rules of new and rewritten chains.

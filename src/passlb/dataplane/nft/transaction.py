@@ -126,6 +126,12 @@ class Transaction:
             self._latch(problem)
 
     def _validate(self, verb: Verb, obj: Object) -> str | None:
+        if isinstance(obj, Element):  # first: rings bring tens of thousands
+            if verb is Verb.FLUSH:
+                return f"elements cannot be flushed (set {obj.set!r}: flush the set)"
+            if not obj.key:
+                return f"element of set {obj.set!r} has an empty key"
+            return check_name("set", obj.set)
         if isinstance(obj, Table):
             if obj != self.table and obj.name != self.table.name:
                 return f"table {obj.name!r} is not this transaction's table {self.table.name!r}"
@@ -144,12 +150,6 @@ class Transaction:
             if verb is Verb.FLUSH:
                 return f"counter {obj.name!r} cannot be flushed"
             return check_name("counter", obj.name)
-        if isinstance(obj, Element):
-            if verb is Verb.FLUSH:
-                return f"elements cannot be flushed (set {obj.set!r}: flush the set)"
-            if not obj.key:
-                return f"element of set {obj.set!r} has an empty key"
-            return check_name("set", obj.set)
         return f"unknown object {obj!r}"
 
     # -- rendering ---------------------------------------------------------
