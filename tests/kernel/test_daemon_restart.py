@@ -9,16 +9,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from passlb.api.client import ApiClient, ApiError
 from passlb.lab import Lab, LabSpec
+
+from .daemon_lab import API, start_daemon
 
 pytestmark = pytest.mark.kernel
 
-API = "127.0.0.1:9180"
 STREAM_SECONDS = 5.0
 
 STREAMS = """
@@ -51,28 +50,6 @@ ring_size = 1009
 type = "none"
 {backends}"""
     return f'interfaces = ["{lab.lb.interface}"]\n\n[api]\nlisten = "{API}"\n{services}'
-
-
-def _status() -> dict[str, Any]:
-    return ApiClient(API, timeout=5.0).get("/api/v1/status")
-
-
-def start_daemon(lab: Lab, config_file: Path, log: Path) -> subprocess.Popen[Any]:
-    with open(log, "a") as err:
-        daemon = lab.spawn(
-            lab.lb.ns, [sys.executable, "-m", "passlb.cli", "run", str(config_file)], stderr=err
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert daemon.poll() is None, log.read_text()
-        try:
-            doc = lab.call(lab.lb.ns, _status)
-            if doc["applies"] and doc["last_apply"]["error"] is None:
-                return daemon
-        except ApiError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("daemon did not apply its config:\n" + log.read_text())
 
 
 @pytest.mark.parametrize("mode", ["dsr", "nat"])

@@ -66,6 +66,35 @@ def tcp_requests(host: str, port: int, count: int, timeout: float = 2.0) -> list
     return replies
 
 
+def tcp_flow_stream(
+    host: str, port: int, seconds: float, gap: float = 0.01, timeout: float = 1.0
+) -> list[Reply]:
+    """A new TCP connection every `gap` seconds for `seconds`: each reply (or
+    error) with its source port and wall-clock start and end, to line up with
+    events elsewhere (a backend killed, the daemon's log)."""
+    _check_bounds(count=int(seconds / gap) if gap > 0 else MAX_REQUESTS + 1, seconds=seconds)
+    flows: list[Reply] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.time()
+        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.bind(("", 0))  # the port is known even when connect fails
+            sport = sock.getsockname()[1]
+            try:
+                sock.connect((host, port))
+                reply: Reply = json.loads(_read_line(sock))
+            except (OSError, ValueError) as exc:
+                reply = _error(exc)
+        finally:
+            sock.close()
+        reply.update(sport=sport, started=started, finished=time.time())
+        flows.append(reply)
+        time.sleep(gap)
+    return flows
+
+
 def tls_requests(
     host: str, port: int, count: int, server_name: str, ca_file: str, timeout: float = 2.0
 ) -> list[Reply]:

@@ -1,0 +1,116 @@
+"""Issue 6, test 1, with the kernel data planes in the lab: a backend's server
+dies under a steady stream of new connections; the daemon takes it out of the
+ring within interval x fall + one interval, only flows the ring gave it fail
+meanwhile, and it returns after `rise` good checks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from passlb.config import load_config
+from passlb.control.desired import compute_desired
+from passlb.control.explain import explain_flow
+from passlb.control.reconciler import assume_all_healthy
+from passlb.lab import Lab, LabSpec
+
+from .conftest import MakeLab
+from .daemon_lab import API, role, start_daemon, wait_for
+
+pytestmark = pytest.mark.kernel
+
+INTERVAL, FALL, RISE = 0.2, 2, 2
+# Between the last good check and the apply: the probe timeout, 20 ms of
+# coalescing, the apply itself and scheduling on a busy 2-core machine.
+SLACK = 0.3
+STREAM = "import json, sys; from passlb.lab.client import tcp_flow_stream as s; " + (
+    "print(json.dumps(s(sys.argv[1], 80, float(sys.argv[2]))))"
+)
+
+
+def _config(lab: Lab, mode: str) -> str:
+    backends = "".join(f'\n[[services.backends]]\naddress = "{b.ipv4}"\n' for b in lab.backends)
+    return f"""interfaces = ["{lab.lb.interface}"]
+[api]
+listen = "{API}"
+
+[[services]]
+name = "web"
+vip = "{lab.vip4}"
+protocol = "tcp"
+ports = [80]
+mode = "{mode}"
+ring_size = 1009
+
+[services.health]
+type = "tcp"
+interval = {INTERVAL}
+timeout = 0.1
+rise = {RISE}
+fall = {FALL}
+{backends}"""
+
+
+def _ring_choice(config_file: Path, lab: Lab, flow: dict[str, Any]) -> str:
+    """The backend the ring with every backend healthy gives this flow."""
+    config = load_config(config_file)
+    state = compute_desired(config, assume_all_healthy(config), {}, 0.0)
+    choice = explain_flow(state, lab.clients[0].ipv4, flow["sport"], lab.vip4, 80, "tcp")
+    assert choice.backend is not None
+    return choice.backend.key
+
+
+@pytest.mark.parametrize("mode", ["dsr", "nat"])
+def test_dead_backend_leaves_the_ring_in_time_and_returns(
+    make_lab: MakeLab, tmp_path: Path, mode: str
+) -> None:
+    lab = make_lab(
+        LabSpec(backends=3, backend_gateway="router" if mode == "dsr" else "lb", ipv6=False)
+    )
+    servers = {b.name: lab.start_servers(b, tcp=[80]) for b in lab.backends}
+    if mode == "dsr":
+        for b in lab.backends:
+            lab.run(b.ns, [sys.executable, "-m", "passlb.cli", "backend-setup", "--vip", lab.vip4])
+    config_file = tmp_path / "passlb.toml"
+    config_file.write_text(_config(lab, mode))
+    start_daemon(lab, config_file, tmp_path / "daemon.log")
+    victim = lab.backends[1]
+
+    stream = lab.spawn(
+        lab.clients[0].ns, [sys.executable, "-c", STREAM, lab.vip4, "5"], stdout=subprocess.PIPE
+    )
+    time.sleep(1.0)
+    killed_at = time.time()
+    servers[victim.name].send_signal(signal.SIGKILL)
+    servers[victim.name].wait()
+    down_at = wait_for(lab, lambda doc: role(doc, "web", victim.ipv4) == "down", 5)
+    time.sleep(0.5)
+    restarted_at = time.time()
+    lab.start_servers(victim, tcp=[80])
+    back_at = wait_for(lab, lambda doc: role(doc, "web", victim.ipv4) == "active", 5)
+    out, _ = stream.communicate(timeout=30)
+    flows: list[dict[str, Any]] = json.loads(out)
+
+    assert down_at - killed_at <= INTERVAL * FALL + INTERVAL + SLACK
+    assert back_at - restarted_at <= INTERVAL * RISE + INTERVAL + SLACK
+    before = [f for f in flows if f["finished"] < killed_at]
+    assert len(before) > 30 and {f.get("backend") for f in before} == {"b1", "b2", "b3"}
+
+    # Only flows the ring gave the victim fail, and only until it left the ring.
+    failed = [f for f in flows if "error" in f]
+    assert failed, "the stream should have hit the dead backend before detection"
+    assert all(killed_at <= f["finished"] and f["started"] <= down_at for f in failed), failed
+    assert {_ring_choice(config_file, lab, f) for f in failed} == {victim.ipv4}
+
+    gone = [f for f in flows if down_at < f["started"] and f["finished"] < restarted_at]
+    assert len(gone) > 20 and {f.get("backend") for f in gone} == {"b1", "b3"}
+    back = [f for f in flows if f["started"] > back_at]
+    assert "b2" in {f.get("backend") for f in back}
+    assert not [f for f in back if "error" in f]
