@@ -75,11 +75,9 @@ class _TcpListener:
             conn.close()
             return
         conn.setblocking(False)
-        relay = TcpRelay(runtime, conn, client, self.vip)
+        relay = TcpRelay(runtime, self.loop, conn, client, self.vip)
         runtime.flows.add(relay)
-        relay.task = self.loop.create_task(relay.run())
-        self.driver.track(relay.task)
-        self.driver.track(relay.done)
+        relay.start()
 
     def stop(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
@@ -96,7 +94,6 @@ class ProxyDriver:
         self._runtimes: dict[str, ServiceRuntime] = {}
         self._retired: list[ServiceRuntime] = []  # removed services whose flows drain
         self._listeners: dict[ListenerKey, _TcpListener | UdpListener] = {}
-        self._pending: set[asyncio.Future[None]] = set()  # setup tasks, relays not yet closed
         self._drain_timers: set[asyncio.TimerHandle] = set()
         self._synced = False
         self._closed = False
@@ -109,10 +106,6 @@ class ProxyDriver:
             except RuntimeError as e:
                 raise DataplaneError("the proxy driver runs inside an asyncio event loop") from e
         return self._loop
-
-    def track(self, future: asyncio.Future[None]) -> None:
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
 
     # ------------------------------------------------------------ sync
 
@@ -231,7 +224,8 @@ class ProxyDriver:
         """Stop listening and reset every connection now.
 
         `cleanup` changes nothing here: a userspace proxy leaves no state behind.
-        Call from inside the loop; `aclose()` also waits for everything to end.
+        Call from inside the loop. Every socket and pipe is closed on return:
+        relays and sessions are callbacks on the loop, with no task to wait for.
         """
         self._closed = True
         for listener in self._listeners.values():
@@ -246,9 +240,8 @@ class ProxyDriver:
         self._retired.clear()
 
     async def aclose(self) -> None:
+        """close(), for callers that hold the driver in an async context."""
         self.close()
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     def _all_runtimes(self) -> Iterator[ServiceRuntime]:
         yield from self._runtimes.values()
@@ -325,6 +318,9 @@ def _bind(key: ListenerKey, service: Service) -> socket.socket:
             set_transparent(sock, family)
         sock.bind((key.vip, key.port))
         if kind == socket.SOCK_STREAM:
+            # Accepted sockets inherit it (Linux copies the listener's TCP
+            # options): one setsockopt per connection saved. See tcp.py.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError:

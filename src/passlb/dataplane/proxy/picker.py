@@ -71,6 +71,8 @@ class BackendPicker:
         return self._limit is None or load(backend.key) < self._limit
 
     def _pick_maglev(self, pool: str | None, slot: int, load: LoadOf) -> BackendDesired | None:
+        if pool is None and self._limit is None:
+            return self._backends[self._slots[slot]]  # every ring member fits: no walk
         # Fast refusal keeps a saturated pool from costing a whole-ring walk.
         if not any(self._fits(i, pool, load) for i in self._ring_members):
             return None

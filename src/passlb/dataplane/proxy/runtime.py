@@ -7,6 +7,7 @@ flows.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -71,6 +72,7 @@ class ServiceRuntime:
         )
         for backend in desired.backends:
             self.stats.setdefault(backend.key, BackendStats())
+        self._sockaddrs: dict[tuple[str, int], tuple[str, int]] = {}
 
     @property
     def name(self) -> str:
@@ -105,10 +107,21 @@ class ServiceRuntime:
     def backend_port(self, backend: BackendDesired, vip_port: int) -> int:
         return backend.port or self.service.target_port or vip_port
 
-    def flow_opened(self, flow: FlowHandle, backend_key: str) -> None:
+    def backend_sockaddr(self, backend: BackendDesired, vip_port: int) -> tuple[str, int]:
+        """(host, port) to connect to; kept until the next update, not formatted per flow."""
+        key = (backend.key, vip_port)
+        sockaddr = self._sockaddrs.get(key)
+        if sockaddr is None:
+            sockaddr = (str(backend.address), self.backend_port(backend, vip_port))
+            self._sockaddrs[key] = sockaddr
+        return sockaddr
+
+    def flow_opened(self, flow: FlowHandle, backend_key: str) -> BackendStats:
+        """Count a new flow; its backend's stats, for the flow to count its transfers."""
         stats = self.stats.setdefault(backend_key, BackendStats())
         stats.new_flows += 1
         stats.active += 1
+        return stats
 
     def flow_closed(self, flow: FlowHandle) -> None:
         self.flows.discard(flow)
@@ -152,7 +165,14 @@ def address_of(sockaddr: tuple[object, ...]) -> tuple[IPAddress, int]:
     """(ip, port) from a socket address tuple (IPv4 or IPv6, scope dropped)."""
     host, port = sockaddr[0], sockaddr[1]
     assert isinstance(host, str) and isinstance(port, int)
+    return _parse_ip(host), port
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(host: str) -> IPAddress:
+    # Cached: parsing costs a few microseconds per accepted connection, and
+    # the same clients connect again and again.
     ip = ip_address(host.partition("%")[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped, port
-    return ip, port
+        return ip.ipv4_mapped
+    return ip

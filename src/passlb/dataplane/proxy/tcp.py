@@ -1,18 +1,39 @@
 """One proxied TCP connection: preamble (PROXY header in, ClientHello peek), backend
-choice and connect, then a byte relay with back-pressure, half-close and reset
-propagation.
+choice and connect, then a byte relay with back-pressure, half-close, reset
+propagation and, for bulk flows on Linux, zero-copy splice.
 
-Life of a relay (one task runs the setup; protocol callbacks run the relay):
+The relay owns both sockets as plain non-blocking sockets driven by the
+loop's add_reader/add_writer callbacks: no transports, protocols, tasks or
+futures per connection (they were a good part of what a connection cost),
+and the descriptors stay ours, so a direction can switch to splice mid-flow.
 
-  PREAMBLE --decision--> CONNECTING --backend up--> RELAYING --both sides done--> CLOSED
-      \\______________________ any failure / timeout / close() _______________/
+Life of a relay (callbacks only; one timer bounds each phase):
 
-- Back-pressure: when one side's write buffer passes the high-water mark the
-  other side stops reading until it drains (asyncio pause/resume_writing).
-- Half-close: EOF from one side becomes write_eof() on the other; the other
-  direction keeps flowing. When both directions have ended, both close.
-- Reset: a side that fails with an OSError (RST, EPIPE) has its peer aborted
-  with SO_LINGER 0, so the peer sees a reset too, not a clean FIN.
+  PREAMBLE --decision--> CONNECTING --backend up--> RELAYING --both directions ended--> CLOSED
+      \\___________________ any failure / timeout / close() _________________/
+
+PREAMBLE is skipped unless the service peeks at a ClientHello or trusts an
+inbound PROXY header; the timer is sni_timeout there, connect_timeout while
+CONNECTING and idle_timeout (from the last read) while RELAYING.
+
+Each direction (client -> backend, backend -> client) reads only once what
+it read before has been written; at most one read is in flight:
+
+- Back-pressure: a write that would block stops reading the source until the
+  destination takes the rest (at most READ_SIZE bytes, or one pipe, per
+  direction).
+- Zero-copy: a read that fills READ_SIZE marks the direction as bulk; once that
+  read is written the direction makes a pipe (PIPE_SIZE) and moves bytes
+  socket -> pipe -> socket with splice(2), never through userspace. Short
+  request/response flows never fill a read and never pay for pipes. When no
+  pipe can be made (EMFILE, ENFILE, EPERM past fs.pipe-user-pages-soft, not
+  Linux) the direction stays on recv/send.
+- Half-close: EOF from one side (read only with nothing in flight, so the
+  pipe is empty) becomes shutdown(SHUT_WR) on the other; the other direction
+  keeps flowing. The second EOF closes both sockets (both read to EOF, so
+  the close sends a FIN).
+- Reset: a socket error (RST, EPIPE) on either side closes both with
+  SO_LINGER 0, so the peer sees a reset too, not a clean FIN.
 """
 
 from __future__ import annotations
@@ -20,22 +41,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
+import os
 import socket
 import struct
-from typing import Any, cast
+from typing import Final
 
 from passlb.control.desired import BackendDesired
 from passlb.dataplane.base import Flow
 from passlb.dataplane.proxy import proxy_protocol, sni
-from passlb.dataplane.proxy.runtime import ServiceRuntime
+from passlb.dataplane.proxy.runtime import BackendStats, ServiceRuntime
 from passlb.model import IPAddress, ProxyProtocol
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no pipes to size, no splice
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
-_LINGER_RESET = struct.pack("ii", 1, 0)
+READ_SIZE: Final = 256 * 1024  # one recv, as asyncio's and uvloop's transports read
+PREAMBLE_READ_SIZE: Final = 64 * 1024
+# 1 MiB: with the default 64 KiB pipe splice saved no CPU (bench/bench_splice.py).
+PIPE_SIZE: Final = 1024 * 1024
+CAN_SPLICE: Final = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+_SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+# Linux: non-blocking from socket() on, one fcntl pair fewer per connection.
+_SOCK_NONBLOCK: Final = getattr(socket, "SOCK_NONBLOCK", 0)
 # Linux values; the socket module of Python 3.11 names neither.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
@@ -48,7 +82,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-def set_reset_on_close(sock: Any) -> None:
+def set_reset_on_close(sock: socket.socket) -> None:
     """SO_LINGER 0: the next close sends RST instead of FIN."""
     with contextlib.suppress(OSError):  # already gone: nothing left to reset
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -61,102 +95,211 @@ def set_transparent(sock: socket.socket, family: int) -> None:
         sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
 
 
-class _Side(asyncio.Protocol):
-    """One socket of a relay; hands every event to the relay."""
+def open_pipe() -> tuple[int, int]:
+    """A non-blocking (read end, write end) pipe of PIPE_SIZE; OSError when none can be had."""
+    if not CAN_SPLICE:
+        raise OSError(errno.ENOSYS, "splice needs Linux")
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        # Fails with EPERM for users past fs.pipe-user-pages-soft (without
+        # CAP_SYS_RESOURCE) or above fs.pipe-max-size.
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        raise
+    return read_end, write_end
 
-    def __init__(self, relay: TcpRelay, is_client: bool) -> None:
+
+class _Direction:
+    """Bytes from src to dst; src is read only when nothing read before waits for dst."""
+
+    __slots__ = (
+        "bulk",
+        "dst",
+        "ended",
+        "in_pipe",
+        "loop",
+        "may_splice",
+        "pending",
+        "pipe",
+        "reading",
+        "relay",
+        "src",
+        "writing",
+    )
+
+    def __init__(self, relay: TcpRelay, src: socket.socket, dst: socket.socket) -> None:
         self.relay = relay
-        self.is_client = is_client
-        self.transport: asyncio.Transport | None = None
-        self.eof = False  # this side sent FIN
-        self.lost = False
+        self.loop = relay.loop
+        self.src = src
+        self.dst = dst
+        self.pending: bytes | memoryview = b""  # read, not yet written (plain path)
+        self.pipe: tuple[int, int] | None = None  # (read end, write end) once bulk
+        self.in_pipe = 0  # bytes spliced in, not yet out
+        self.bulk = False  # a read filled READ_SIZE: make a pipe once it is written
+        self.may_splice = CAN_SPLICE  # no pipe tried yet
+        self.reading = False  # a reader is registered on src
+        self.writing = False  # a writer is registered on dst
+        self.ended = False  # EOF passed on
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport (uvloop's is not an asyncio.Transport subclass).
-        self.transport = transport = cast(asyncio.Transport, transport)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+    def start(self, first: bytes) -> None:
+        self.pending = first
+        self._flush()
 
-    def data_received(self, data: bytes) -> None:
-        self.relay.on_data(self, data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self.relay.on_eof(self)
-        return True  # keep the transport: the other direction may still run
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.relay.on_lost(self, exc)
-
-    def pause_writing(self) -> None:
-        self.relay.on_pressure(self, paused=True)
-
-    def resume_writing(self) -> None:
-        self.relay.on_pressure(self, paused=False)
-
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing() and not self.eof:
-            self.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def write_eof(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write_eof()
-
-    def detach(self) -> None:
-        """Drop the links to the relay and the transport, once the socket is gone."""
-        self.transport = None
-        del self.relay
-
-    def close(self, *, reset: bool) -> None:
-        transport = self.transport
-        if transport is None or self.lost:
+    def _on_readable(self) -> None:
+        pipe = self.pipe
+        try:
+            if pipe is not None:
+                size = os.splice(self.src.fileno(), pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            else:
+                data = self.src.recv(READ_SIZE)
+                size = len(data)
+        except (BlockingIOError, InterruptedError):
             return
-        if reset:
-            set_reset_on_close(transport.get_extra_info("socket"))
-            transport.abort()
+        except OSError as e:
+            self.relay.fail(e)
+            return
+        if not size:
+            self._pass_eof()
+            return
+        self.relay.transferred(size)
+        if pipe is not None:
+            self.in_pipe = size
         else:
-            transport.close()
+            self.pending = data
+            self.bulk = size == READ_SIZE and self.may_splice
+        self._flush()
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write what is in flight; then read again, or wait until dst takes more."""
+        try:
+            if self.in_pipe:
+                assert self.pipe is not None
+                while self.in_pipe:
+                    self.in_pipe -= os.splice(
+                        self.pipe[0], self.dst.fileno(), self.in_pipe, flags=_SPLICE_FLAGS
+                    )
+            else:
+                while self.pending:
+                    sent = self.dst.send(self.pending)
+                    if sent == len(self.pending):
+                        self.pending = b""
+                    else:
+                        self.pending = memoryview(self.pending)[sent:]
+        except (BlockingIOError, InterruptedError):
+            if self.reading:
+                self.loop.remove_reader(self.src.fileno())
+                self.reading = False
+            if not self.writing:
+                self.loop.add_writer(self.dst.fileno(), self._on_writable)
+                self.writing = True
+            return
+        except OSError as e:
+            self.relay.fail(e)
+            return
+        if self.writing:
+            self.loop.remove_writer(self.dst.fileno())
+            self.writing = False
+        if self.bulk and self.pipe is None:
+            self._switch_to_splice()
+        if not self.reading:
+            self.loop.add_reader(self.src.fileno(), self._on_readable)
+            self.reading = True
+
+    def _switch_to_splice(self) -> None:
+        self.bulk = self.may_splice = False  # one try per direction
+        try:
+            self.pipe = open_pipe()
+        except OSError as e:
+            who = self.relay.who()
+            log.debug("service %s: flow from %s:%s has no pipe, stays on recv/send: %r", *who, e)
+
+    def _pass_eof(self) -> None:
+        self.loop.remove_reader(self.src.fileno())
+        self.reading = False
+        if self.relay.other_direction_ended(self):
+            # Both sockets have been read to EOF, so their close sends a FIN
+            # (not a reset): no shutdown needed first.
+            self.ended = True
+            self.relay.close(reset=False)
+            return
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self.relay.fail(e)
+            return
+        self.ended = True
+
+    def release(self) -> None:
+        """Unregister from the loop and close the pipe; the relay closes the sockets."""
+        if self.reading:
+            self.loop.remove_reader(self.src.fileno())
+            self.reading = False
+        if self.writing:
+            self.loop.remove_writer(self.dst.fileno())
+            self.writing = False
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
+            self.in_pipe = 0
 
 
 class TcpRelay:
+    __slots__ = (
+        "_backend",
+        "_backend_sock",
+        "_buffered",
+        "_down",
+        "_inbound_header",
+        "_last_activity",
+        "_peeker",
+        "_server_name",
+        "_sock",
+        "_stats",
+        "_timer",
+        "_up",
+        "_watching",
+        "client",
+        "loop",
+        "phase",
+        "runtime",
+        "vip",
+    )
+
     def __init__(
         self,
         runtime: ServiceRuntime,
+        loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         client: tuple[IPAddress, int],
         vip: tuple[IPAddress, int],
     ) -> None:
         self.runtime = runtime
+        self.loop = loop
         self.phase = Phase.PREAMBLE
-        self._sock = sock
-        self._peer = client  # the TCP peer
+        self._sock = sock  # the client's
+        self._backend_sock: socket.socket | None = None
         self.client = client  # whom we believe the client is (PROXY header when trusted)
         self.vip = vip
-        self._client_side = _Side(self, is_client=True)
-        self._backend_side = _Side(self, is_client=False)
-        self._buffered = bytearray()  # client bytes read before the backend is up
+        self._buffered = b""  # client bytes read in the preamble, for the backend
         self._backend: BackendDesired | None = None
-        self._loop = asyncio.get_running_loop()
-        self._decided: asyncio.Future[None] = self._loop.create_future()
-        self.done: asyncio.Future[None] = self._loop.create_future()
-        self._last_activity = self._loop.time()
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._stats: BackendStats | None = None
+        self._last_activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._watching = False  # a reader (preamble) or writer (connect) is registered
+        self._up: _Direction | None = None  # client -> backend
+        self._down: _Direction | None = None  # backend -> client
         options = runtime.options
         self._inbound_header = (
             proxy_protocol.ProxyHeaderParser() if options.trust_inbound_proxy_protocol else None
         )
         self._peeker = sni.ClientHelloPeeker() if runtime.router is not None else None
         self._server_name: str | None = None
-        self._refuse = False  # the preamble says: close without a backend
-        self.task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ FlowHandle
 
@@ -180,57 +323,56 @@ class TcpRelay:
             src_port=self.client[1],
             dst=self.vip[0],
             dst_port=self.vip[1],
-            expires_in=max(0.0, self._last_activity + idle - self._loop.time()),
+            expires_in=max(0.0, self._last_activity + idle - self.loop.time()),
         )
 
     def close(self, *, reset: bool) -> None:
-        """Close both sides now (reset: RST instead of FIN)."""
+        """Close both sides now (reset: RST instead of FIN), pipes included."""
         if self.phase is Phase.CLOSED:
             return
-        if (
-            self.task is not None
-            and not self.task.done()
-            and self.task is not asyncio.current_task(self._loop)
-        ):
-            self.task.cancel()
-        self._client_side.close(reset=reset)
-        self._backend_side.close(reset=reset)
-        if self._client_side.transport is None:
-            self._sock.close()
-        self._finish()
+        self.phase = Phase.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        backend = self._backend_sock
+        if self._watching:
+            self.loop.remove_reader(self._sock.fileno())
+            if backend is not None:
+                self.loop.remove_writer(backend.fileno())
+            self._watching = False
+        for direction in (self._up, self._down):
+            if direction is not None:
+                direction.release()
+        self._up = self._down = None  # the directions point at us: no cycle left for the GC
+        for sock in (self._sock, backend):
+            if sock is not None:
+                if reset:
+                    set_reset_on_close(sock)
+                sock.close()
+        self.runtime.flow_closed(self)
 
-    # ------------------------------------------------------------ setup task
+    # ------------------------------------------------------------ setup
 
-    async def run(self) -> None:
-        try:
-            await self._loop.connect_accepted_socket(lambda: self._client_side, self._sock)
-            if self._needs_preamble():
-                await asyncio.wait_for(self._decided, self.runtime.options.sni_timeout)
-            else:
-                self._client_side.pause_reading()
-            if self._refuse or self.phase is Phase.CLOSED:
-                self.close(reset=False)
-                return
-            await self._connect_backend()
-        except (OSError, TimeoutError, sni.SniError, proxy_protocol.ProxyProtocolError) as e:
-            # The client gets a reset: like a refused or timed-out connection
-            # in front of a passthrough load balancer.
-            log.debug("service %s: flow from %s:%s ends in setup: %r", *self._who(), e)
-            self.close(reset=True)
-        except BaseException:
-            self.close(reset=True)  # cancelled, or a bug: never leave sockets behind
-            raise
+    def start(self) -> None:
+        if self._inbound_header is not None or self._peeker is not None:
+            self._arm_timer(self.runtime.options.sni_timeout)
+            self.loop.add_reader(self._sock.fileno(), self._on_preamble_readable)
+            self._watching = True
+        else:
+            self._connect_backend()
 
-    def _who(self) -> tuple[str, IPAddress, int]:
+    def who(self) -> tuple[str, IPAddress, int]:
         return self.runtime.name, self.client[0], self.client[1]
 
-    def _needs_preamble(self) -> bool:
-        return self._inbound_header is not None or self._peeker is not None
+    def fail(self, exc: OSError) -> None:
+        log.debug("service %s: flow from %s:%s fails: %r", *self.who(), exc)
+        self.close(reset=True)
 
-    async def _connect_backend(self) -> None:
+    def _connect_backend(self) -> None:
         runtime = self.runtime
-        pool = runtime.router.pool_for(self._server_name) if runtime.router is not None else None
-        if runtime.router is not None and pool is None:
+        router = runtime.router
+        pool = router.pool_for(self._server_name) if router is not None else None
+        if router is not None and pool is None:
             runtime.drops["sni_no_route"] += 1
             self.close(reset=False)
             return
@@ -240,50 +382,76 @@ class TcpRelay:
             self.close(reset=True)
             return
         self._backend = backend
-        runtime.flow_opened(self, backend.key)
+        self._stats = runtime.flow_opened(self, backend.key)
         self.phase = Phase.CONNECTING
-        host, port = str(backend.address), runtime.backend_port(backend, self.vip[1])
-        async with asyncio.timeout(runtime.options.connect_timeout):
-            if runtime.options.transparent:
-                await self._connect_transparent(host, port, backend.address.version)
-            else:
-                # By host and port, not sock_connect: uvloop's sock_connect
-                # resolves even a numeric address on its thread pool.
-                await self._loop.create_connection(lambda: self._backend_side, host, port)
-        if self.phase is Phase.CLOSED:
-            self._backend_side.close(reset=True)
-            return
-        self._start_relay()
-
-    async def _connect_transparent(self, host: str, port: int, version: int) -> None:
-        """Connect from the client's own address (IP_TRANSPARENT, bound before connect)."""
-        family = socket.AF_INET6 if version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        self._arm_timer(runtime.options.connect_timeout)
+        address = backend.address
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         try:
-            sock.setblocking(False)
-            set_transparent(sock, family)
-            sock.bind((str(self.client[0]), 0))
-            await self._loop.sock_connect(sock, (host, port))
-            await self._loop.create_connection(lambda: self._backend_side, sock=sock)
-        except BaseException:
-            if self._backend_side.transport is None:
-                sock.close()
-            raise
+            # Our own non-blocking connect by address: uvloop's sock_connect
+            # would resolve even a numeric address on its thread pool.
+            self._backend_sock = sock = socket.socket(family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
+            if not _SOCK_NONBLOCK:
+                sock.setblocking(False)
+            # As asyncio's and uvloop's transports do: relay each read at once.
+            # (The client's socket inherits TCP_NODELAY from the listener.)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if runtime.options.transparent:
+                set_transparent(sock, family)
+                sock.bind((str(self.client[0]), 0))
+            error = sock.connect_ex(runtime.backend_sockaddr(backend, self.vip[1]))
+        except OSError as e:
+            self._unreachable(e)
+            return
+        if error == 0:
+            self._start_relay()
+        elif error == errno.EINPROGRESS:
+            self.loop.add_writer(sock.fileno(), self._on_connected)
+            self._watching = True
+        else:
+            self._unreachable(OSError(error, os.strerror(error)))
+
+    def _on_connected(self) -> None:
+        sock = self._backend_sock
+        assert sock is not None
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._unreachable(OSError(error, os.strerror(error)))
+        else:
+            self._start_relay()
+
+    def _unreachable(self, exc: OSError) -> None:
+        # The client gets a reset: like a refused or timed-out connection in
+        # front of a passthrough load balancer.
+        self.runtime.drops["backend_unreachable"] += 1
+        self.fail(exc)
 
     def _start_relay(self) -> None:
+        backend = self._backend_sock
+        assert backend is not None
         self.phase = Phase.RELAYING
-        header = self._proxy_header()
-        if header:
-            self._backend_side.write(header)
+        self._last_activity = now = self.loop.time()
+        idle_deadline = now + self.runtime.options.idle_timeout
+        # The connect timer stays when it fires first: _on_timer re-arms from
+        # the last activity, which saves a cancel and a new timer per connection.
+        if self._timer is None or self._timer.when() > idle_deadline:
+            self._arm_timer(self.runtime.options.idle_timeout)
+        first = self._proxy_header()
         if self._buffered:
-            self._count(len(self._buffered))
-            self._backend_side.write(bytes(self._buffered))
-            self._buffered.clear()
-        if self._client_side.eof:
-            self._backend_side.write_eof()
-        else:
-            self._client_side.resume_reading()
-        self._arm_idle_timer()
+            self.transferred(len(self._buffered))
+            first += self._buffered
+            self._buffered = b""
+        up = self._up = _Direction(self, self._sock, backend)
+        down = self._down = _Direction(self, backend, self._sock)
+        # The backend's reader goes on before the connect's writer comes off:
+        # uvloop then keeps one poll handle for the descriptor rather than
+        # making a second one (4 epoll_ctl and an ioctl each).
+        down.start(b"")
+        if self._watching:
+            self.loop.remove_writer(backend.fileno())
+            self._watching = False
+        if self.phase is Phase.RELAYING:
+            up.start(first)
 
     def _proxy_header(self) -> bytes:
         version = self.runtime.options.proxy_protocol
@@ -302,11 +470,38 @@ class TcpRelay:
 
     # ------------------------------------------------------------ preamble
 
-    def _on_preamble(self, data: bytes) -> None:
+    def _on_preamble_readable(self) -> None:
+        try:
+            data = self._sock.recv(PREAMBLE_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.fail(e)
+            return
+        if not data:
+            self.close(reset=False)  # gone before it said enough to route
+            return
+        try:
+            route = self._on_preamble(data)
+        except (sni.SniError, proxy_protocol.ProxyProtocolError) as e:
+            log.debug("service %s: flow from %s:%s has a bad preamble: %r", *self.who(), e)
+            self.close(reset=True)
+            return
+        if route is None:
+            return
+        self.loop.remove_reader(self._sock.fileno())
+        self._watching = False
+        if route:
+            self._connect_backend()
+        else:
+            self.close(reset=False)
+
+    def _on_preamble(self, data: bytes) -> bool | None:
+        """Feed the parsers: None while they need more, else whether to route the flow."""
         if self._inbound_header is not None:
             header = self._inbound_header.feed(data)
             if header is proxy_protocol.NEED_MORE:
-                return
+                return None
             assert isinstance(header, proxy_protocol.ProxyHeader)
             if header.addresses is not None:
                 self.client = (header.addresses.src, header.addresses.src_port)
@@ -314,118 +509,53 @@ class TcpRelay:
             self._inbound_header = None
             if not self.runtime.allows(self.client[0]):
                 self.runtime.drops["not_allowed"] += 1
-                self._decide(refuse=True)
-                return
+                return False
         self._buffered += data
         if self._peeker is None:
-            self._decide(refuse=False)
-            return
+            return True
         if not data:
-            return
+            return None
         try:
             found = self._peeker.feed(data)
         except sni.NotTlsError:
             found = sni.Found(server_name=None)  # plain bytes: routed as "no SNI"
         if found is sni.NEED_MORE:
-            return
+            return None
         assert isinstance(found, sni.Found)
         self._server_name = found.server_name
         self._peeker = None
-        self._decide(refuse=False)
-
-    def _decide(self, *, refuse: bool) -> None:
-        self._refuse = refuse
-        self._client_side.pause_reading()
-        if not self._decided.done():
-            self._decided.set_result(None)
-
-    def _fail_preamble(self, exc: Exception) -> None:
-        self._client_side.pause_reading()
-        if not self._decided.done():
-            self._decided.set_exception(exc)
+        return True
 
     # ------------------------------------------------------------ relay events
 
-    def on_data(self, side: _Side, data: bytes) -> None:
-        self._last_activity = self._loop.time()
-        if side.is_client:
-            if self.phase is Phase.PREAMBLE and not self._decided.done():
-                try:
-                    self._on_preamble(data)
-                except (sni.SniError, proxy_protocol.ProxyProtocolError) as e:
-                    self._fail_preamble(e)
-            elif self.phase is Phase.RELAYING:
-                self._count(len(data))
-                self._backend_side.write(data)
-            else:
-                self._buffered += data  # read before pause_reading took effect
-        else:
-            self._count(len(data))
-            self._client_side.write(data)
+    def transferred(self, size: int) -> None:
+        self._last_activity = self.loop.time()
+        stats = self._stats
+        assert stats is not None
+        stats.packets += 1
+        stats.bytes += size
 
-    def on_eof(self, side: _Side) -> None:
-        if side.is_client and self.phase is Phase.PREAMBLE and not self._decided.done():
-            self._decide(refuse=True)  # gone before it said enough to route
-            return
-        if self.phase is not Phase.RELAYING:
-            return  # the relay start passes a client EOF on
-        other = self._backend_side if side.is_client else self._client_side
-        other.write_eof()
-        if self._client_side.eof and self._backend_side.eof:
-            self._client_side.close(reset=False)
-            self._backend_side.close(reset=False)
+    def other_direction_ended(self, direction: _Direction) -> bool:
+        other = self._down if direction is self._up else self._up
+        return other is not None and other.ended
 
-    def on_lost(self, side: _Side, exc: Exception | None) -> None:
-        reset = isinstance(exc, OSError)
+    # ------------------------------------------------------------ timer
+
+    def _arm_timer(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
         if self.phase is Phase.RELAYING:
-            other = self._backend_side if side.is_client else self._client_side
-            other.close(reset=reset)
-        else:
-            self.close(reset=reset)  # gone before the relay started: abandon the setup
-        self._finish()
-
-    def on_pressure(self, side: _Side, *, paused: bool) -> None:
-        other = self._backend_side if side.is_client else self._client_side
-        if paused:
-            other.pause_reading()
-        elif self.phase is Phase.RELAYING:
-            other.resume_reading()
-
-    # ------------------------------------------------------------ bookkeeping
-
-    def _count(self, size: int) -> None:
-        if self._backend is not None:
-            self.runtime.count_transfer(self._backend.key, size)
-
-    def _arm_idle_timer(self) -> None:
-        deadline = self._last_activity + self.runtime.options.idle_timeout
-        self._idle_timer = self._loop.call_at(deadline, self._on_idle_timer)
-
-    def _on_idle_timer(self) -> None:
-        # Rearmed from the last activity rather than on every read: one timer
-        # per relay, no per-read timer churn.
-        if self.phase is Phase.CLOSED:
+            # Re-armed from the last activity rather than on every read: one
+            # timer per relay, no per-read timer churn.
+            deadline = self._last_activity + self.runtime.options.idle_timeout
+            if self.loop.time() < deadline:
+                self._timer = self.loop.call_at(deadline, self._on_timer)
+            else:
+                self.close(reset=False)
             return
-        if self._loop.time() >= self._last_activity + self.runtime.options.idle_timeout:
-            self.close(reset=False)
-        else:
-            self._arm_idle_timer()
-
-    def _finish(self) -> None:
-        """Account the relay as closed; `done` once both sockets are gone."""
-        if self.phase is not Phase.CLOSED:
-            self.phase = Phase.CLOSED
-            self.runtime.flow_closed(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        client_gone = self._client_side.transport is None or self._client_side.lost
-        backend_gone = self._backend_side.transport is None or self._backend_side.lost
-        if client_gone and backend_gone and not self.done.done():
-            self.done.set_result(None)
-            if self.task is None or self.task.done():
-                # No socket calls back any more, and no setup can make one:
-                # without these cycles the relay is freed at once, not by the
-                # cyclic GC (~10 % of the CPU a connection costs).
-                self._client_side.detach()
-                self._backend_side.detach()
+        log.debug("service %s: flow from %s:%s times out in %s", *self.who(), self.phase.value)
+        self.close(reset=True)
