@@ -107,7 +107,9 @@ class Daemon:
         # Until a check says otherwise every backend counts as healthy: a daemon
         # restart must not empty the ring it adopts from the kernel.
         self.reconciler.replace_health(assume_all_healthy(config))
-        self.checker = HealthChecker(self._on_health)
+        # A backend's first failed check (of the `fall` it takes) has its
+        # rings built ahead, so the transition applies without building any.
+        self.checker = HealthChecker(self._on_health, on_pending=self.reconciler.prepare)
 
     @property
     def config(self) -> Config:
@@ -282,7 +284,8 @@ class Daemon:
             loop.add_signal_handler(sig, on_stop)
         loop.add_signal_handler(signal.SIGHUP, on_reload)
 
-        self.reconciler.apply_once(full=True)
+        # Off the loop: the first apply builds every ring (seconds at 100 services).
+        await self.reconciler.apply_off_loop(full=True)
         api = await start_api(build_app(self, self.config.api.token), self.config.api.listen)
         log.info("admin API listening on %s", self.config.api.listen)
         await self.checker.update(self.config)

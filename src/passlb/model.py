@@ -7,6 +7,7 @@ the desired state read it, drivers render it. Nothing in this module does I/O.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
@@ -177,7 +178,7 @@ class Backend:
     pool: str = DEFAULT_POOL  # proxy SNI routing picks a pool by server name
     health: HealthSpec | None = None  # overrides the service's check
 
-    @property
+    @functools.cached_property  # hot: every apply and diff looks backends up by key
     def key(self) -> str:
         """The stable identity of a backend within its service.
 

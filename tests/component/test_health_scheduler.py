@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -353,5 +354,135 @@ def test_a_bad_reload_changes_nothing() -> None:
             await clock.advance(0.5)
             assert len(scripted.times(B1)) - before == pytest.approx(5, abs=1)
             assert checker.state("web", "198.18.1.12") is None
+
+    run(scenario)
+
+
+def test_one_wake_up_starts_every_check_due_in_its_window() -> None:
+    """200 checks at 10 per second share wake-ups, each keeps its own jittered cadence."""
+    backends = [Backend(IPv4Address(f"198.18.3.{i}")) for i in range(1, 201)]
+    window = 0.01
+
+    async def scenario() -> None:
+        clock = VirtualClock()
+        scripted = ScriptedProbe(clock)
+        async with HealthChecker(
+            Recorder(), probe=scripted, clock=clock, batch_window=window
+        ) as checker:
+            await checker.update(config(*backends))
+            await clock.advance(1.0)
+        for backend in backends:
+            offset = first_probe_delay(("web", str(backend.address)), INTERVAL)
+            due = [offset + i * INTERVAL for i in range(11) if offset + i * INTERVAL <= 1.0]
+            times = scripted.times(backend.address)
+            # Once per interval, at its jittered time or at most one window early.
+            assert len(times) in (len(due), len(due) + 1)
+            for at, planned in zip(times, due, strict=False):
+                assert planned - window - 1e-9 <= at <= planned + 1e-9
+        wake_ups = {at for at, *_ in scripted.calls}
+        assert len(scripted.calls) >= 1900
+        assert len(wake_ups) <= 1.0 / window + 1  # 2,000 probes, at most ~100 wake-ups
+        # Jitter is kept: the first probes spread over the whole interval.
+        firsts = sorted(scripted.times(b.address)[0] for b in backends)
+        assert firsts[0] < 0.01 and firsts[-1] > 0.09
+
+    run(scenario)
+
+
+def test_a_verdict_known_at_once_needs_no_task() -> None:
+    """A probe that returns its result (not an awaitable) is decided inside the wake-up."""
+
+    async def scenario() -> None:
+        clock = VirtualClock()
+        scripted = ScriptedProbe(clock, {B1: lambda now: now < 0.5})
+        calls: list[float] = []
+        tasks_seen: set[str] = set()
+
+        def instant(
+            spec: HealthSpec, address: IPAddress, port: int, *, vip: IPAddress | None = None
+        ) -> ProbeResult:
+            calls.append(clock.now())
+            tasks_seen.update(t.get_name() for t in asyncio.all_tasks())
+            ok = scripted.scripts[B1](clock.now())
+            return ProbeResult(ok, "ok" if ok else "refused", 0.0)
+
+        recorder = Recorder(clock=clock)
+        async with HealthChecker(recorder, probe=instant, clock=clock) as checker:
+            await checker.update(config(Backend(B1)))
+            await clock.advance(1.0)
+        assert len(calls) == 10
+        assert not any(name.startswith("health ") for name in tasks_seen)
+        assert recorder.healthy("198.18.1.11") == [True, False]
+
+    run(scenario)
+
+
+def test_a_pending_transition_is_announced_fall_minus_one_intervals_ahead() -> None:
+    async def scenario() -> None:
+        clock = VirtualClock()
+        scripted = ScriptedProbe(clock, {B1: lambda now: now < 0.5})
+        pending = Recorder(clock=clock)
+        transitions = Recorder(clock=clock)
+        async with HealthChecker(
+            transitions, on_pending=pending, probe=scripted, clock=clock
+        ) as checker:
+            await checker.update(config(Backend(B1)))
+            await clock.advance(1.5)
+        (up_ahead, down_ahead) = pending.events
+        (up, down) = transitions.events
+        assert up_ahead[3].healthy and not down_ahead[3].healthy
+        assert up[0] - up_ahead[0] == pytest.approx(INTERVAL * (SPEC.rise - 1))
+        assert down[0] - down_ahead[0] == pytest.approx(INTERVAL * (SPEC.fall - 1))
+        assert not down[3].healthy
+
+    run(scenario)
+
+
+def test_a_slow_probe_is_followed_at_once_not_by_a_burst() -> None:
+    async def scenario() -> None:
+        clock = VirtualClock()
+        calls: list[float] = []
+
+        async def slow(
+            spec: HealthSpec, address: IPAddress, port: int, *, vip: IPAddress | None = None
+        ) -> ProbeResult:
+            calls.append(clock.now())
+            await clock.sleep(2.5 * INTERVAL)
+            return ProbeResult(True, "ok", 2.5 * INTERVAL)
+
+        async with HealthChecker(Recorder(), probe=slow, clock=clock) as checker:
+            await checker.update(config(Backend(B1)))
+            await clock.advance(1.0)
+        gaps = [b - a for a, b in itertools.pairwise(calls)]
+        assert gaps and all(gap == pytest.approx(2.5 * INTERVAL) for gap in gaps)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("at_once", [False, True], ids=["awaited", "at-once"])
+def test_a_raising_probe_counts_as_failed_and_checks_go_on(at_once: bool) -> None:
+    async def scenario() -> None:
+        clock = VirtualClock()
+        calls: list[float] = []
+
+        def broken(
+            spec: HealthSpec, address: IPAddress, port: int, *, vip: IPAddress | None = None
+        ) -> Awaitable[ProbeResult]:
+            calls.append(clock.now())
+            if at_once:
+                raise RuntimeError("probe bug")
+
+            async def later() -> ProbeResult:
+                raise RuntimeError("probe bug")
+
+            return later()
+
+        async with HealthChecker(Recorder(), probe=broken, clock=clock) as checker:
+            await checker.update(config(Backend(B1), Backend(B2)))
+            await clock.advance(1.0)
+            record = checker.record("web", "198.18.1.11")
+        assert len(calls) == 20
+        assert record is not None and record.state is HealthState.DOWN
+        assert record.reason == "probe error: RuntimeError: probe bug"
 
     run(scenario)

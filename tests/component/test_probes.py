@@ -16,7 +16,7 @@ import pytest
 import trustme
 
 from passlb.health.policy import ProbeResult
-from passlb.health.probes import probe
+from passlb.health.probes import probe, start_probe
 from passlb.model import HealthSpec, HealthType
 
 LOOPBACK = IPv4Address("127.0.0.1")
@@ -142,6 +142,63 @@ def test_tcp_times_out_while_the_handshake_hangs() -> None:
             for filler in fillers:
                 filler.close()
     assert not result.ok and result.reason == "timeout after 0.2s"
+
+
+def test_tcp_verdict_of_a_near_peer_comes_without_awaiting() -> None:
+    """start_probe decides a loopback connect in the call: no task, no timer."""
+
+    async def results(port: int) -> tuple[list[ProbeResult], int]:
+        # The loopback handshake runs inside connect() unless the kernel defers
+        # its softirq work (a loaded machine): then the probe hands back a
+        # coroutine. Most of 20 must be decided at once.
+        spec = HealthSpec(type=HealthType.TCP, timeout=TIMEOUT)
+        found, instant = [], 0
+        for _ in range(20):
+            outcome = start_probe(spec, LOOPBACK, port)
+            if isinstance(outcome, ProbeResult):
+                instant += 1
+                found.append(outcome)
+            else:
+                found.append(await outcome)
+        return found, instant
+
+    async def scenario() -> None:
+        async def idle(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        async with tcp_server(idle) as port:
+            up, up_instant = await results(port)
+        down, down_instant = await results(port)
+        assert {(r.ok, r.reason) for r in up} == {(True, "connected")}
+        assert {(r.ok, r.reason) for r in down} == {(False, "connection refused")}
+        assert up_instant > 10 and down_instant > 10
+
+    run(scenario)
+
+
+def test_tcp_pending_handshake_is_handed_back_to_await() -> None:
+    import socket
+
+    async def scenario() -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            port = listener.getsockname()[1]
+            fillers = [socket.socket() for _ in range(3)]
+            try:
+                for filler in fillers:
+                    filler.setblocking(False)
+                    filler.connect_ex(("127.0.0.1", port))
+                outcome = start_probe(HealthSpec(type=HealthType.TCP, timeout=0.2), LOOPBACK, port)
+                assert not isinstance(outcome, ProbeResult)
+                result = await outcome
+            finally:
+                for filler in fillers:
+                    filler.close()
+        assert not result.ok and result.reason == "timeout after 0.2s"
+        assert 0.2 <= result.latency < 1.0
+
+    run(scenario)
 
 
 # ---------------------------------------------------------------- http

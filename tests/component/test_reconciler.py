@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import threading
+from collections.abc import Callable
 from ipaddress import ip_address
 
 import pytest
 
 from passlb.control.desired import BackendRole, DesiredState, HealthStatus
-from passlb.control.reconciler import Reconciler, assume_all_healthy, next_wakeup
+from passlb.control.reconciler import Reconciler, assume_all_healthy, in_thread, next_wakeup
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.errors import DataplaneError
 from passlb.model import (
@@ -215,3 +217,97 @@ def test_an_unexpected_driver_exception_is_a_failed_apply_not_a_crash() -> None:
     record = rec.apply_once()
     assert record.error == "internal error: RuntimeError('bug')"
     assert rec.stats.apply_failures == 1 and rec.applied is None
+
+
+class GatedOffLoop:
+    """Runs each computation in a thread once the test opens the gate; keeps the results."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = 0
+        self.results: list[DesiredState] = []
+
+    async def __call__(self, work: Callable[[], DesiredState]) -> DesiredState:
+        self.started += 1
+        await self.gate.wait()
+        result = await in_thread(work)
+        self.results.append(result)
+        return result
+
+
+async def test_the_default_off_loop_runs_the_work_in_another_thread() -> None:
+    assert await in_thread(threading.get_ident) != threading.get_ident()
+
+
+async def test_an_apply_computed_off_loop_never_overwrites_a_newer_one() -> None:
+    rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12"))
+    off_loop = GatedOffLoop()
+    rec.off_loop = off_loop
+    rec.apply_once()
+    off_loop.gate.clear()
+    slow = asyncio.create_task(rec.apply_off_loop())  # snapshots: both healthy
+    await asyncio.sleep(0)
+    assert off_loop.started == 1
+    rec.set_health("web", "198.18.2.11", HealthStatus(healthy=False))
+    newer = rec.apply_once()  # an apply that overtakes the one in flight
+    off_loop.gate.set()
+    assert await slow is None
+    assert rec.applied is not None
+    assert roles(rec.applied, "web")["198.18.2.11"] is BackendRole.DOWN
+    syncs = drivers[Mode.DSR].syncs
+    assert len(syncs) == 2 and roles(syncs[-1][0], "web")["198.18.2.11"] is BackendRole.DOWN
+    assert rec.stats.last_apply is newer
+    assert rec._dirty.is_set()  # computed again on the next turn of run()
+
+
+async def test_run_applies_what_it_computed_off_loop() -> None:
+    rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12"))
+    off_loop = GatedOffLoop()
+    rec.off_loop = off_loop
+    task = asyncio.create_task(rec.run())
+    try:
+        await asyncio.sleep(0.1)
+        rec.set_health("web", "198.18.2.12", HealthStatus(healthy=False))
+        await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    syncs = drivers[Mode.DSR].syncs
+    assert [desired for desired, _ in syncs] == off_loop.results
+    assert roles(syncs[-1][0], "web")["198.18.2.12"] is BackendRole.DOWN
+
+
+async def test_an_announced_change_has_its_ring_built_before_it_happens() -> None:
+    web = dataclasses.replace(
+        service("web", Mode.DSR, *(f"198.18.2.{i}" for i in range(11, 14))), ring_size=1019
+    )
+    rec, _, _ = make(web)
+    off_loop = GatedOffLoop()
+    rec.off_loop = off_loop
+    task = asyncio.create_task(rec.run())
+    try:
+        await asyncio.sleep(0.1)
+        computed = len(off_loop.results)
+        # Already healthy: nothing to prepare.
+        rec.prepare("web", "198.18.2.12", HealthStatus(healthy=True))
+        await asyncio.sleep(0.05)
+        assert len(off_loop.results) == computed
+        rec.prepare("web", "198.18.2.12", HealthStatus(healthy=False))
+        await asyncio.sleep(0.05)
+        (prepared,) = off_loop.results[computed:]
+        assert rec.applied is not None and roles(rec.applied, "web")["198.18.2.12"] is (
+            BackendRole.ACTIVE
+        )  # prepared, not applied
+        rec.set_health("web", "198.18.2.12", HealthStatus(healthy=False))
+        await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert rec.applied is not None
+    assert roles(rec.applied, "web")["198.18.2.12"] is BackendRole.DOWN
+    applied, ahead = rec.applied.service("web"), prepared.service("web")
+    assert applied is not None and ahead is not None and applied.ring is not None
+    assert applied.ring is ahead.ring  # the very ring built ahead, from the cache

@@ -18,7 +18,7 @@ INTERVAL = 0.2
 RISE = 2
 FALL = 2
 # The log line is written after the driver applied the change; the reconciler
-# waits 20 ms to coalesce a burst first. Scheduling noise on a busy 2-core box.
+# waits 5 ms to coalesce a burst first. Scheduling noise on a busy 2-core box.
 APPLY_SLACK = 0.1
 
 

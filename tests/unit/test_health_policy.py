@@ -10,6 +10,7 @@ from passlb.control.desired import HealthStatus
 from passlb.health.policy import (
     HealthState,
     HealthTracker,
+    PendingTransition,
     ProbeResult,
     Transition,
     WeightChange,
@@ -31,6 +32,48 @@ def feed(tracker: HealthTracker, script: str, start: float = 0.0) -> list[tuple[
             if isinstance(event, Transition):
                 moves.append((index, event.current))
     return moves
+
+
+def pending(tracker: HealthTracker, script: str) -> list[tuple[int, HealthState, int]]:
+    """Feed like ``feed``; return (index, toward, remaining) per PendingTransition."""
+    found = []
+    for index, mark in enumerate(script):
+        for event in tracker.observe(result(mark == "+"), float(index)):
+            if isinstance(event, PendingTransition):
+                found.append((index, event.toward, event.remaining))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("rise", "fall", "script", "expected"),
+    [
+        # The first result of a run against the state announces the flip to come.
+        (2, 3, "++-+---", [(0, UP, 1), (2, DOWN, 2), (4, DOWN, 2)]),
+        (3, 2, "--+-++", [(0, DOWN, 1), (2, UP, 2), (4, UP, 2)]),
+        # A threshold of 1 flips at once: nothing to announce.
+        (1, 1, "+-+-", []),
+        # Results that agree with the state announce nothing.
+        (1, 3, "++++", []),
+    ],
+)
+def test_pending_transition_announces_the_first_result_of_a_run(
+    rise: int, fall: int, script: str, expected: list[tuple[int, HealthState, int]]
+) -> None:
+    assert pending(HealthTracker("b", rise=rise, fall=fall, created_at=0.0), script) == expected
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.text(alphabet="+-", max_size=30))
+def test_a_pending_transition_comes_true_when_its_run_goes_on(
+    rise: int, fall: int, script: str
+) -> None:
+    """Every flip is announced `remaining` results ahead (unless its threshold is 1)."""
+    tracker = HealthTracker("b", rise=rise, fall=fall, created_at=0.0)
+    announced = dict((index, (toward, left)) for index, toward, left in pending(tracker, script))
+    tracker = HealthTracker("b", rise=rise, fall=fall, created_at=0.0)
+    for index, state in feed(tracker, script):
+        threshold = rise if state is UP else fall
+        if threshold > 1:
+            assert announced[index - threshold + 1] == (state, threshold - 1)
 
 
 # (rise, fall, script, transitions as (index, state), final state)
@@ -71,7 +114,8 @@ def test_starts_unknown_and_stays_out_of_the_view() -> None:
 
 def test_transition_event_carries_times_reason_and_status() -> None:
     tracker = HealthTracker("10.0.0.1:80", rise=2, fall=2, created_at=0.0)
-    assert tracker.observe(ProbeResult(True, "HTTP 200", 0.01), 10.0) == ()
+    pending = PendingTransition("10.0.0.1:80", UP, 1, 10.0)
+    assert tracker.observe(ProbeResult(True, "HTTP 200", 0.01), 10.0) == (pending,)
     (event,) = tracker.observe(ProbeResult(True, "HTTP 200", 0.02), 12.0)
     assert event == Transition("10.0.0.1:80", UNKNOWN, UP, 12.0, "HTTP 200")
     assert tracker.status() == HealthStatus(healthy=True, weight=None, since=12.0)
@@ -95,7 +139,7 @@ def test_reported_weight_is_tracked_from_ok_results_only() -> None:
     assert tracker.status() == HealthStatus(healthy=True, weight=500, since=1.0)
     assert tracker.observe(result(True, weight=500), 2.0) == ()
     # A failed probe says nothing about the wanted load: the weight stays.
-    assert tracker.observe(result(False, weight=7), 3.0) == ()
+    assert tracker.observe(result(False, weight=7), 3.0) == (PendingTransition("b", DOWN, 1, 3.0),)
     assert tracker.weight == 500
     assert tracker.observe(result(True, weight=0), 4.0) == (WeightChange("b", 500, 0, 4.0),)
     # The backend stopped reporting: its configured weight applies again.

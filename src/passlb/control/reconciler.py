@@ -5,20 +5,34 @@ marks the state dirty. The loop coalesces bursts, computes the desired state
 once, and hands each driver the services of its mode. It also wakes up for
 time-driven changes (drain deadlines, slow-start ramps), resyncs fully every
 `resync_interval`, and retries with a full resync after a failed apply.
+
+The loop computes the desired state off the event loop (a worker thread:
+Maglev rings take tens of milliseconds each, and health checks must not wait
+for them) from a snapshot of the inputs, then diffs and applies it on the
+loop. Applies stay serialised; a computed state is dropped, and computed again,
+when another apply went through while it was being computed, so an older
+state never overwrites a newer one.
+
+A health change announced ahead (``prepare``: a backend's first failed check
+of the ``fall`` it takes to go down) gets its rings built in the background
+meanwhile, so the change itself applies without building any.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from passlb.control.desired import (
     BackendRole,
     DesiredState,
+    DrainStarts,
     HealthStatus,
     HealthView,
     compute_desired,
@@ -32,6 +46,13 @@ from passlb.model import AdminState, Config, Mode
 log = logging.getLogger("passlb.reconciler")
 
 Clock = Callable[[], float]
+T = TypeVar("T")
+# Runs a pure computation away from the event loop (asyncio.to_thread by default).
+OffLoop = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+async def in_thread(work: Callable[[], T]) -> T:
+    return await asyncio.to_thread(work)
 
 
 @dataclass
@@ -118,8 +139,9 @@ class Reconciler:
         clock: Clock = time.monotonic,
         resync_interval: float = 300.0,  # a full resync re-reads every ring from the kernel
         retry_delay: float = 1.0,
-        coalesce_delay: float = 0.02,
+        coalesce_delay: float = 0.005,
         on_apply: Callable[[ApplyRecord], None] | None = None,
+        off_loop: OffLoop[DesiredState] = in_thread,
     ) -> None:
         self.config = config
         self.drivers = drivers
@@ -131,12 +153,17 @@ class Reconciler:
         self.admin_overrides: dict[tuple[str, str], AdminState] = {}
         self.weight_overrides: dict[tuple[str, str], int] = {}
         self.on_apply = on_apply
+        self.off_loop = off_loop
         self.drain_starts: dict[tuple[str, str], float] = {}
         self.applied: DesiredState | None = None
         self.desired: DesiredState | None = None
         self.stats = ReconcilerStats()
         self._dirty = asyncio.Event()
         self._need_full = True
+        self._applies_done = 0  # tells an off-loop computation whether it was overtaken
+        # Announced health changes whose rings to build ahead, latest status wins.
+        self._to_prepare: dict[tuple[str, str], HealthStatus] = {}
+        self._prepare_wanted = asyncio.Event()
         self._note_drains()
 
     # -- inputs ---------------------------------------------------------------
@@ -154,6 +181,16 @@ class Reconciler:
     def set_health(self, service: str, backend: str, status: HealthStatus) -> None:
         self.health[(service, backend)] = status
         self._dirty.set()
+
+    def prepare(self, service: str, backend: str, status: HealthStatus) -> None:
+        """A health change that may come soon: build the rings it would need now,
+        in the background (while ``run`` runs), so that ``set_health`` applies it
+        without building any. Best effort: nothing is applied."""
+        known = self.health.get((service, backend))
+        if known is not None and known.healthy == status.healthy:
+            return
+        self._to_prepare[(service, backend)] = status
+        self._prepare_wanted.set()
 
     def replace_health(self, view: HealthView) -> None:
         self.health = dict(view)
@@ -198,16 +235,38 @@ class Reconciler:
     # -- applying -------------------------------------------------------------
 
     def compute(self) -> DesiredState:
-        return compute_desired(
-            self.effective_config(), self.health, self.drain_starts, self.clock()
-        )
+        return compute_desired(*self._inputs())
+
+    def _inputs(self) -> tuple[Config, HealthView, DrainStarts, float]:
+        """compute_desired's arguments, copied: safe to use from another thread."""
+        return self.effective_config(), dict(self.health), dict(self.drain_starts), self.clock()
 
     def apply_once(self, *, full: bool = False) -> ApplyRecord:
         """Compute the desired state and push it to every driver. Never raises."""
-        full = full or self._need_full
         started = time.perf_counter()
         desired = self.compute()
+        return self._push(desired, full, started, time.perf_counter() - started)
+
+    async def apply_off_loop(self, *, full: bool = False) -> ApplyRecord | None:
+        """``apply_once`` with the computation off the event loop. None (and the
+        state marked dirty) when another apply went through meanwhile: the
+        state computed here is older than what the drivers hold by now."""
+        inputs = self._inputs()
+        applies_before = self._applies_done
+        started = time.perf_counter()
+        desired = await self.off_loop(functools.partial(compute_desired, *inputs))
         compute_duration = time.perf_counter() - started
+        if self._applies_done != applies_before:
+            self._dirty.set()
+            return None
+        return self._push(desired, full, started, compute_duration)
+
+    def _push(
+        self, desired: DesiredState, full: bool, started: float, compute_duration: float
+    ) -> ApplyRecord:
+        """Diff `desired` against what is applied and hand it to every driver."""
+        full = full or self._need_full
+        self._applies_done += 1
         self.desired = desired
         diff = diff_desired(self.applied, desired)
         changes = str(diff)
@@ -255,6 +314,14 @@ class Reconciler:
 
     async def run(self) -> None:
         """Apply on every change, at deadlines, periodically; retry after failures."""
+        preparer = asyncio.create_task(self._prepare_rings(), name="ring preparer")
+        try:
+            await self._reconcile()
+        finally:
+            preparer.cancel()
+            await asyncio.gather(preparer, return_exceptions=True)
+
+    async def _reconcile(self) -> None:
         last_full = self.clock()
         self._dirty.set()
         while True:
@@ -270,9 +337,34 @@ class Reconciler:
                 pass
             self._dirty.clear()
             full = self.clock() - last_full >= self.resync_interval
-            record = self.apply_once(full=full)
+            record = await self.apply_off_loop(full=full)
+            if record is None:
+                continue
             if record.full and record.error is None:
                 last_full = self.clock()
             if record.error is not None:
                 await asyncio.sleep(self.retry_delay)
                 self._dirty.set()
+
+    async def _prepare_rings(self) -> None:
+        """Build, one service at a time and off the loop, the rings that the
+        announced health changes would need; the desired state's ring cache
+        keeps them for the apply."""
+        while True:
+            await self._prepare_wanted.wait()
+            self._prepare_wanted.clear()
+            while self._to_prepare:
+                (name, key), status = self._to_prepare.popitem()
+                config, health, drains, now = self._inputs()
+                service = config.service(name)
+                if service is None:
+                    continue
+                alone = dataclasses.replace(config, services=(service,))
+                coming = {**health, (name, key): status}
+                try:
+                    await self.off_loop(
+                        functools.partial(compute_desired, alone, coming, drains, now)
+                    )
+                except Exception:
+                    # Only a head start is lost: the apply computes what it needs.
+                    log.exception("building the rings ahead for %s/%s failed", name, key)

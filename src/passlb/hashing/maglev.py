@@ -64,13 +64,14 @@ SLOTS_PER_BACKEND = 100
 class Ring:
     """An immutable table: slot number -> index into the backend sequence it was built from."""
 
-    __slots__ = ("_backend_count", "_slots")
+    __slots__ = ("_backend_count", "_counts", "_slots")
 
     def __init__(self, slots: array[int], backend_count: int) -> None:
         if slots.typecode != "H":
             raise ValueError("a Ring stores its slots as array('H')")
         self._slots = slots
         self._backend_count = backend_count
+        self._counts: tuple[int, ...] | None = None
 
     @classmethod
     def from_indexes(cls, indexes: Sequence[int], backend_count: int) -> Ring:
@@ -97,7 +98,12 @@ class Ring:
 
     def counts(self) -> list[int]:
         """How many slots each backend index owns."""
-        return [int(c) for c in np.bincount(self._array(), minlength=self._backend_count)]
+        if self._counts is None:
+            # Kept: rings outlive many applies (they are cached), and each
+            # apply asks every service's ring again.
+            counts = np.bincount(self._array(), minlength=self._backend_count)
+            self._counts = tuple(int(c) for c in counts)
+        return list(self._counts)
 
     def diff(self, other: Ring) -> list[int]:
         """The slot numbers whose backend index differs between two rings of the same size."""

@@ -21,6 +21,12 @@ other counter is reset to 0 by every result):
     DOWN      fail     failures  += 1      none
     any       (check type none: nothing to ask)    -> UP at once (``assume_up``)
 
+A result that starts a run against the current state (the first fail while not
+DOWN, the first ok while not UP) also returns a PendingTransition when the
+threshold is above 1: the state flips if the next ``remaining`` results agree.
+It changes nothing here; it lets the daemon prepare the change (build the ring
+without the backend) while the run plays out, so the flip applies at once.
+
 Invariants that follow (and that the tests check):
 - A transition happens only on the result that crosses a threshold, and a
   Transition event is returned only then; with rise, fall > 1 no single result
@@ -89,7 +95,18 @@ class WeightChange:
         return f"{self.backend_key} reported weight {self.previous} -> {self.current}"
 
 
-HealthEvent = Transition | WeightChange
+@dataclass(frozen=True)
+class PendingTransition:
+    backend_key: str
+    toward: HealthState  # UP or DOWN
+    remaining: int  # results that must agree before the state flips
+    at: float
+
+    def __str__(self) -> str:
+        return f"{self.backend_key} -> {self.toward} in {self.remaining} more result(s)"
+
+
+HealthEvent = Transition | WeightChange | PendingTransition
 
 
 @dataclass(frozen=True)
@@ -140,21 +157,22 @@ class HealthTracker:
         self.checked_at = at
         self.latency = result.latency
         self.reason = result.reason
-        events: list[HealthEvent] = []
         if result.ok:
             self.successes += 1
             self.failures = 0
-            weight_event = self._track_weight(result.weight, at)
-            if weight_event is not None:
-                events.append(weight_event)
-            if self.state is not HealthState.UP and self.successes >= self.rise:
-                events.append(self._move(HealthState.UP, at))
-        else:
-            self.failures += 1
-            self.successes = 0
-            if self.state is not HealthState.DOWN and self.failures >= self.fall:
-                events.append(self._move(HealthState.DOWN, at))
-        return tuple(events)
+            weight = self._track_weight(result.weight, at)
+            flip = None
+            if self.state is not HealthState.UP:
+                flip = self._toward(HealthState.UP, self.successes, self.rise, at)
+            if weight is None:
+                return () if flip is None else (flip,)
+            return (weight,) if flip is None else (weight, flip)
+        self.failures += 1
+        self.successes = 0
+        if self.state is HealthState.DOWN:
+            return ()
+        flip = self._toward(HealthState.DOWN, self.failures, self.fall, at)
+        return () if flip is None else (flip,)
 
     def assume_up(self, at: float, reason: str) -> Transition | None:
         """UP without probing, for checks of type none."""
@@ -208,6 +226,16 @@ class HealthTracker:
         change = WeightChange(self.backend_key, self.weight, reported, at)
         self.weight = reported
         return change
+
+    def _toward(
+        self, state: HealthState, run: int, threshold: int, at: float
+    ) -> Transition | PendingTransition | None:
+        """The event of a run of `run` results toward `state` (the state is not `state`)."""
+        if run >= threshold:
+            return self._move(state, at)
+        if run == 1:
+            return PendingTransition(self.backend_key, state, threshold - 1, at)
+        return None
 
     def _move(self, new_state: HealthState, at: float) -> Transition:
         transition = Transition(self.backend_key, self.state, new_state, at, self.reason)

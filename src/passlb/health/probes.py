@@ -1,9 +1,11 @@
 """Health probes: tcp, http, https, tls, udp, exec and none.
 
-``probe`` is the one entry point. Each probe type is a small coroutine that
-returns a verdict or raises; ``probe`` bounds it by the spec's timeout and
-turns every exception into a failed ProbeResult with a reason an operator can
-act on, so a probe never raises into the scheduler.
+``probe`` is the entry point; ``start_probe`` is the same for the scheduler,
+which also takes a verdict known at once (a tcp connect to a near peer) without
+awaiting anything. Each probe type is a small coroutine that returns a verdict
+or raises; the entry points bound it by the spec's timeout and turn every
+exception into a failed ProbeResult with a reason an operator can act on, so a
+probe never raises into the scheduler.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NamedTuple
 
 from passlb.health.http import exchange
 from passlb.health.policy import WEIGHT_HEADER, ProbeResult, parse_reported_weight
@@ -43,16 +46,39 @@ class _Verdict(NamedTuple):
 _ProbeImpl = Callable[[HealthSpec, IPAddress, int, IPAddress | None], Awaitable[_Verdict]]
 
 
+def start_probe(
+    spec: HealthSpec, address: IPAddress, port: int, *, vip: IPAddress | None = None
+) -> ProbeResult | Coroutine[Any, Any, ProbeResult]:
+    """Begin one check of `spec` against address:port.
+
+    Returns the verdict itself when it is known at once, else a coroutine
+    that produces it (the caller awaits it or runs it as a task). A tcp check
+    of a near peer (loopback, the LAN) usually knows by the end of connect():
+    at a thousand checks a second, not creating a task, a timer and a
+    future for each is most of the scheduler's cost. Never raises.
+    """
+    if spec.type is HealthType.TCP:
+        return _start_tcp(spec, address, port)
+    return _bounded_probe(spec, address, port, vip)
+
+
 async def probe(
     spec: HealthSpec, address: IPAddress, port: int, *, vip: IPAddress | None = None
 ) -> ProbeResult:
-    """Run one check of `spec` against address:port.
+    """Run one check of `spec` against address:port and return its verdict.
 
     Never raises: every failure is a ProbeResult with ok=False. Only a
     cancellation of the caller goes through, as it must.
     """
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    outcome = start_probe(spec, address, port, vip=vip)
+    return outcome if isinstance(outcome, ProbeResult) else await outcome
+
+
+async def _bounded_probe(
+    spec: HealthSpec, address: IPAddress, port: int, vip: IPAddress | None
+) -> ProbeResult:
+    """Run a probe within the spec's timeout, every failure turned into a verdict."""
+    started = time.perf_counter()
     try:
         async with asyncio.timeout(spec.timeout):
             verdict = await _PROBES[spec.type](spec, address, port, vip)
@@ -72,7 +98,7 @@ async def probe(
         # A bug in a probe must not stop the backend's checks; say so loudly.
         log.exception("%s probe of %s:%d crashed", spec.type, address, port)
         verdict = _Verdict(False, f"probe error: {type(exc).__name__}: {exc}")
-    return ProbeResult(verdict.ok, verdict.reason, loop.time() - started, verdict.weight)
+    return ProbeResult(verdict.ok, verdict.reason, time.perf_counter() - started, verdict.weight)
 
 
 async def _probe_none(
@@ -81,41 +107,55 @@ async def _probe_none(
     return _Verdict(True, "not checked (type none)")
 
 
-async def _probe_tcp(
-    spec: HealthSpec, address: IPAddress, port: int, vip: IPAddress | None
-) -> _Verdict:
+def _start_tcp(
+    spec: HealthSpec, address: IPAddress, port: int
+) -> ProbeResult | Coroutine[Any, Any, ProbeResult]:
     # A bare socket, not a stream: at a thousand checks a second the stream
     # machinery (protocol, reader, graceful close) was most of a probe's cost.
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    # And no loop.sock_connect: uvloop's resolves even an IP literal through
+    # getaddrinfo on its thread pool, a thread hop per probe.
+    started = time.perf_counter()
+    peer = (str(address), port)
+    try:
+        sock = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET)
+    except OSError as exc:  # out of descriptors, most likely
+        return ProbeResult(False, exc.strerror or str(exc), time.perf_counter() - started)
+    try:
         sock.setblocking(False)
-        await _connect(sock, (str(address), port))
-    return _Verdict(True, "connected")
-
-
-async def _connect(sock: socket.socket, peer: tuple[str, int]) -> None:
-    """``loop.sock_connect`` for a literal address, without its name lookup.
-
-    uvloop's sock_connect resolves even an IP literal through getaddrinfo on
-    its thread pool: a thread hop per probe, 40 % of the daemon's CPU at a
-    thousand tcp checks a second.
-    """
-    err = sock.connect_ex(peer)
-    if err in _CONNECT_PENDING:
-        # Asking again tells how it went: 0 once connected, the error once
-        # failed, EALREADY while the handshake runs. A near peer (loopback, the
-        # LAN) has often answered by then, and the probe skips a poll.
         err = sock.connect_ex(peer)
         if err in _CONNECT_PENDING:
-            await _writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        elif err == errno.EISCONN:
-            err = 0
-        if err:
-            # The message asyncio's and uvloop's sock_connect give.
-            raise OSError(err, f"Connect call failed {peer}")
-    elif err:
-        raise OSError(err, os.strerror(err))
+            # Asking again tells how it went: 0 once connected, the error once
+            # failed, EALREADY while the handshake runs. A near peer has often
+            # answered by then, and the probe needs no wake-up at all.
+            err = sock.connect_ex(peer)
+            if err == errno.EISCONN:
+                err = 0
+    except OSError as exc:
+        sock.close()
+        return ProbeResult(False, exc.strerror or str(exc), time.perf_counter() - started)
+    if err in _CONNECT_PENDING:
+        return _finish_tcp(spec, sock, started)
+    sock.close()
+    return ProbeResult(not err, _tcp_reason(err), time.perf_counter() - started)
+
+
+async def _finish_tcp(spec: HealthSpec, sock: socket.socket, started: float) -> ProbeResult:
+    """Wait out a handshake that connect() left running; owns (and closes) `sock`."""
+    with sock:
+        try:
+            async with asyncio.timeout(spec.timeout - (time.perf_counter() - started)):
+                await _writable(sock)
+        except TimeoutError:
+            reason = f"timeout after {spec.timeout:g}s"
+            return ProbeResult(False, reason, time.perf_counter() - started)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return ProbeResult(not err, _tcp_reason(err), time.perf_counter() - started)
+
+
+def _tcp_reason(err: int) -> str:
+    if not err:
+        return "connected"
+    return "connection refused" if err == errno.ECONNREFUSED else os.strerror(err)
 
 
 async def _writable(sock: socket.socket) -> None:
@@ -281,7 +321,6 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 _PROBES: dict[HealthType, _ProbeImpl] = {
     HealthType.NONE: _probe_none,
-    HealthType.TCP: _probe_tcp,
     HealthType.TLS: _probe_tls,
     HealthType.HTTP: _probe_http,
     HealthType.HTTPS: _probe_http,

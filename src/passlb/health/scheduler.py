@@ -1,8 +1,16 @@
-"""The health checker: one asyncio task per (service, backend), fed to the policy.
+"""The health checker: every backend probed on its own jittered cadence, fed to the policy.
 
-Each task probes its backend every ``interval`` seconds and hands the result to
-the backend's HealthTracker; the injected ``on_transition`` callback hears of
-every verdict change and every reported-weight change, and of nothing else.
+Each backend is probed every ``interval`` seconds and the result handed to its
+HealthTracker; the injected ``on_transition`` callback hears of every verdict
+change and every reported-weight change, ``on_pending`` of every run that may
+end in one (see PendingTransition), and of nothing else.
+
+One timer drives every check. It wakes at the earliest due check and starts
+all checks due within ``batch_window`` of it, so checks run up to that much
+early, never late, and a thousand checks a second cost a hundred wake-ups, not
+a thousand timers, futures and task switches. A probe that knows its verdict at
+once (a tcp connect to a near peer) is decided inside the wake-up; the others
+run as tasks and the check is queued again when they finish.
 
 First probes are spread over the interval by a jitter derived from the
 backend's identity (not random), so a reload or a restart does not fire every
@@ -15,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
+import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -28,10 +38,11 @@ from passlb.health.policy import (
     HealthRecord,
     HealthState,
     HealthTracker,
+    PendingTransition,
     ProbeResult,
     Transition,
 )
-from passlb.health.probes import probe as run_probe
+from passlb.health.probes import start_probe
 from passlb.health.target import health_path, health_spec, probe_target
 from passlb.logs import log_event
 from passlb.model import Config, HealthSpec, HealthType, IPAddress
@@ -41,6 +52,9 @@ log = logging.getLogger(__name__)
 CheckKey = tuple[str, str]  # (service name, backend key), as in HealthView
 TransitionCallback = Callable[[str, str, HealthStatus], None]
 
+# Checks due within this many seconds of the earliest share its wake-up.
+BATCH_WINDOW = 0.01
+
 
 class Clock(Protocol):
     def now(self) -> float: ...
@@ -49,9 +63,11 @@ class Clock(Protocol):
 
 
 class ProbeFunction(Protocol):
-    async def __call__(
+    """A probe: its verdict at once, or an awaitable of it (any ``async def`` probe fits)."""
+
+    def __call__(
         self, spec: HealthSpec, address: IPAddress, port: int, *, vip: IPAddress | None = None
-    ) -> ProbeResult: ...
+    ) -> ProbeResult | Awaitable[ProbeResult]: ...
 
 
 class LoopClock:
@@ -116,6 +132,19 @@ def _timing_issues(spec: HealthSpec, where: str) -> list[ConfigIssue]:
     return issues
 
 
+class _Check:
+    """One probing backend: its plan, its tracker, when it is due next, its probe in flight."""
+
+    __slots__ = ("due", "key", "plan", "task", "tracker")
+
+    def __init__(self, key: CheckKey, plan: CheckPlan, tracker: HealthTracker, due: float) -> None:
+        self.key = key
+        self.plan = plan
+        self.tracker = tracker
+        self.due = due
+        self.task: asyncio.Task[None] | None = None
+
+
 class HealthChecker:
     """Runs every backend's checks and keeps their verdicts.
 
@@ -124,22 +153,32 @@ class HealthChecker:
 
     UNKNOWN backends (no verdict yet) are left out of ``view()``, which is how
     the desired state tells them apart; ``state()`` and ``records()`` show them.
-    A ``none`` check runs no task: its backend is UP from the start.
+    A ``none`` check is never probed: its backend is UP from the start.
     """
 
     def __init__(
         self,
         on_transition: TransitionCallback,
         *,
-        probe: ProbeFunction = run_probe,
+        on_pending: TransitionCallback | None = None,
+        probe: ProbeFunction = start_probe,
         clock: Clock | None = None,
+        batch_window: float = BATCH_WINDOW,
     ) -> None:
         self._on_transition = on_transition
+        self._on_pending = on_pending
         self._probe = probe
         self._clock: Clock = clock if clock is not None else LoopClock()
+        self._batch_window = batch_window
         self._plans: dict[CheckKey, CheckPlan] = {}
         self._trackers: dict[CheckKey, HealthTracker] = {}
-        self._tasks: dict[CheckKey, asyncio.Task[None]] = {}
+        self._checks: dict[CheckKey, _Check] = {}  # the probed ones (not type none)
+        # (due, tie-breaker, check); entries of stopped checks stay until popped.
+        self._queue: list[tuple[float, int, _Check]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.Task[None] | None = None
+        self._timer_due: float | None = None  # when the timer task wakes; None: no task
+        self._starting = False  # inside a wake-up: checks queued now are seen by it
         self._updating = asyncio.Lock()  # one reload at a time
 
     async def __aenter__(self) -> HealthChecker:
@@ -156,8 +195,8 @@ class HealthChecker:
     async def update(self, config: Config) -> None:
         """Start, stop and restart checks to match `config`.
 
-        Backends whose check did not change keep their task and their state.
-        A changed check restarts its task but keeps the verdict (with fresh
+        Backends whose check did not change keep their cadence and their state.
+        A changed check restarts its cadence but keeps the verdict (with fresh
         counters), so a reload never flaps a backend; a new backend starts
         UNKNOWN; a removed one is forgotten.
         """
@@ -189,9 +228,9 @@ class HealthChecker:
                 transition = tracker.assume_up(now, "not checked (type none)")
                 self._report(key, tracker, () if transition is None else (transition,))
                 continue
-            self._tasks[key] = asyncio.create_task(
-                self._run(key, plan, tracker), name=f"health {key[0]}/{key[1]}"
-            )
+            check = _Check(key, plan, tracker, now + first_probe_delay(key, plan.spec.interval))
+            self._checks[key] = check
+            self._queue_check(check, check.due)
 
     def view(self) -> dict[CheckKey, HealthStatus]:
         """Verdicts of every backend that has one (UNKNOWN ones are absent)."""
@@ -215,12 +254,19 @@ class HealthChecker:
         return {key: tracker.record() for key, tracker in self._trackers.items()}
 
     async def close(self) -> None:
-        await self._stop(list(self._tasks))
+        await self._stop(list(self._checks))
+        timer, self._timer, self._timer_due = self._timer, None, None
+        if timer is not None:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
 
     async def _stop(self, keys: list[CheckKey]) -> None:
-        tasks = [task for key in keys if (task := self._tasks.pop(key, None)) is not None]
-        for task in tasks:
-            task.cancel()
+        tasks = []
+        for key in keys:
+            check = self._checks.pop(key, None)
+            if check is not None and check.task is not None:
+                check.task.cancel()
+                tasks.append(check.task)
         for task, outcome in zip(
             tasks, await asyncio.gather(*tasks, return_exceptions=True), strict=True
         ):
@@ -229,32 +275,85 @@ class HealthChecker:
             ):
                 log.error("%s ended with an error", task.get_name(), exc_info=outcome)
 
-    async def _run(self, key: CheckKey, plan: CheckPlan, tracker: HealthTracker) -> None:
-        interval = plan.spec.interval
-        for due in self._schedule(key, interval):
-            delay = due - self._clock.now()
-            if delay > 0:
-                await self._clock.sleep(delay)
-            result = await self._probe(plan.spec, plan.address, plan.port, vip=plan.vip)
-            self._report(key, tracker, tracker.observe(result, self._clock.now()))
+    # -- the timer ------------------------------------------------------------
 
-    def _schedule(self, key: CheckKey, interval: float) -> Iterator[float]:
+    def _queue_check(self, check: _Check, due: float) -> None:
+        check.due = due
+        heapq.heappush(self._queue, (due, next(self._order), check))
+        if self._starting or (self._timer_due is not None and self._timer_due <= due):
+            return
+        # The timer sleeps past this check (or is not running): start it anew.
+        # Rare in a steady state: a check is queued again by its own wake-up.
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = asyncio.create_task(self._run_timer(), name="health-check timer")
+
+    async def _run_timer(self) -> None:
+        while self._queue:
+            self._timer_due = wake = self._queue[0][0]
+            # Sleep even when late: a wake-up always yields to the loop.
+            await self._clock.sleep(max(0.0, wake - self._clock.now()))
+            self._start_due(wake + self._batch_window)
+        self._timer, self._timer_due = None, None
+
+    def _start_due(self, horizon: float) -> None:
+        """Start every check due by `horizon`, each once."""
+        due_now = []
+        while self._queue and self._queue[0][0] <= horizon:
+            _, _, check = heapq.heappop(self._queue)
+            if self._checks.get(check.key) is check:  # else stopped or replaced
+                due_now.append(check)
+        self._starting = True
+        try:
+            for check in due_now:
+                self._start(check)
+        finally:
+            self._starting = False
+
+    def _start(self, check: _Check) -> None:
+        plan = check.plan
+        try:
+            outcome = self._probe(plan.spec, plan.address, plan.port, vip=plan.vip)
+        except Exception as exc:
+            outcome = self._probe_failed(check, exc)
+        if isinstance(outcome, ProbeResult):
+            self._finish(check, outcome)
+        else:
+            check.task = asyncio.create_task(
+                self._await_probe(check, outcome), name=f"health {check.key[0]}/{check.key[1]}"
+            )
+
+    async def _await_probe(self, check: _Check, outcome: Awaitable[ProbeResult]) -> None:
+        try:
+            result = await outcome
+        except Exception as exc:
+            result = self._probe_failed(check, exc)
+        check.task = None
+        if self._checks.get(check.key) is check:
+            self._finish(check, result)
+
+    def _probe_failed(self, check: _Check, exc: Exception) -> ProbeResult:
+        # The probe is injected; its bug must not end this backend's checks.
+        log.error("probe of %s/%s raised", *check.key, exc_info=exc)
+        return ProbeResult(False, f"probe error: {type(exc).__name__}: {exc}", 0.0)
+
+    def _finish(self, check: _Check, result: ProbeResult) -> None:
+        now = self._clock.now()
+        self._report(check.key, check.tracker, check.tracker.observe(result, now))
         # A steady cadence from the jittered start; a probe that overran its
         # slot is followed at once, not by a burst of the missed ones.
-        due = self._clock.now() + first_probe_delay(key, interval)
-        while True:
-            yield due
-            due = max(due + interval, self._clock.now())
+        self._queue_check(check, max(check.due + check.plan.spec.interval, now))
 
     def _report(
         self, key: CheckKey, tracker: HealthTracker, events: tuple[HealthEvent, ...]
     ) -> None:
-        if not events:
-            return
-        status = tracker.status()
-        if status is None:
-            return
+        changed = False
         for event in events:
+            if isinstance(event, PendingTransition):
+                self._announce(key, tracker, event)
+                continue
+            changed = True
             if isinstance(event, Transition):
                 log_event(
                     log,
@@ -276,8 +375,22 @@ class HealthChecker:
                     previous=event.previous,
                     current=event.current,
                 )
+        status = tracker.status()
+        if not changed or status is None:
+            return
         try:
             self._on_transition(key[0], key[1], status)
         except Exception:
             # The callback belongs to the daemon; its failure must not stop this check.
             log.exception("health callback for %s/%s failed", key[0], key[1])
+
+    def _announce(self, key: CheckKey, tracker: HealthTracker, event: PendingTransition) -> None:
+        if self._on_pending is None:
+            return
+        coming = HealthStatus(
+            healthy=event.toward is HealthState.UP, weight=tracker.weight, since=event.at
+        )
+        try:
+            self._on_pending(key[0], key[1], coming)
+        except Exception:
+            log.exception("pending-health callback for %s/%s failed", key[0], key[1])
