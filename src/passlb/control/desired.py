@@ -376,10 +376,11 @@ def _diff_service(old: ServiceDesired, new: ServiceDesired) -> ServiceDiff:
     return ServiceDiff(
         name=new.service.name,
         config_changed=(
-            dataclasses.replace(old.service, backends=())
+            old.service is not new.service  # the same config object: nothing to compare
+            and dataclasses.replace(old.service, backends=())
             != dataclasses.replace(new.service, backends=())
-            or old.seed != new.seed
-        ),
+        )
+        or old.seed != new.seed,
         ring_rebuilt=rebuilt,
         ring_slots=slots,
         backends_added=tuple(k for k in new_backends if k not in old_backends),

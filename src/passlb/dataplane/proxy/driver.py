@@ -125,7 +125,7 @@ class ProxyDriver:
             runtime = self._runtimes.get(sd.service.name)
             if runtime is None:
                 self._runtimes[sd.service.name] = ServiceRuntime(sd)
-            else:
+            elif runtime.desired != sd:  # unchanged services keep their pickers
                 operations += self._drain_removed_backends(runtime, sd)
                 runtime.update(sd)
         for key in sorted(set(self._listeners) - set(wanted)):
