@@ -85,6 +85,13 @@ def test_new_flows_follow_the_ring_as_the_kernel_twin_predicts() -> None:
     assert counters.total.new_flows == 300
     assert counters.total.active_flows == 300
     assert {k: c.new_flows for k, c in counters.backends.items()} == dict(seen)
+    for sport in range(20000, 20300):  # the same flows again: established now
+        _send(fake, drv, _tcp(sport))
+    counters = drv.counters()["web"]
+    assert {k: c.packets for k, c in counters.backends.items()} == {
+        k: 2 * n for k, n in seen.items()
+    }
+    assert counters.total.new_flows == 300
 
 
 def test_dispatch_by_vip_protocol_and_port() -> None:
@@ -149,8 +156,8 @@ def test_backend_ids_are_stable_and_recovered_on_adopt() -> None:
     smaller = replace(svc, backends=(svc.backends[0], svc.backends[2]))
     again.sync(desired(smaller))
     after = fake.ruleset(drv.table).elements["backends4"]
-    assert {k: e.value for k, e in after.items()} == {
-        k: e.value for k, e in ids_before.items() if e.value != B[1]
+    assert {k: e.comment for k, e in after.items()} == {
+        k: e.comment for k, e in ids_before.items() if e.comment != f"web/{B[1]}"
     }
 
 

@@ -7,13 +7,17 @@ The table (docs/dataplane-dsr.md draws it):
     exact4/6      VIP . proto . port -> goto svc_<service>  (hash: cheaper than an interval
                   lookup, and most services name single ports)
     dispatch4/6   VIP . proto . port range or all -> goto svc_<service>  (interval)
-    svc_<service> 1. established: flow table hit -> refresh, count, fwd to that backend
+    svc_<service> 1. established: flow table hit -> refresh, jump to that backend's chain
                   2. new: mark = ring slot (jhash with the service's seed) -> backend id
                   3. record the flow (own rule: when the table is full only this rule fails)
-                  4. count, fwd to the backend out of the interface the packet came in on
+                  4. count the new flow, jump to the backend's chain
                   5. anything left (no ring: drop policy) is counted and dropped, never
                      delivered to the load balancer itself
-    ring_<svc>    slot -> backend id;  backends4/6: id -> address;  pkts/newflows: id -> counter
+    backend_<id>  count, fwd to the backend's address out of the interface the packet
+                  came in on (one chain per backend: a verdict lookup replaces a counter
+                  map and an address map lookup on every packet)
+    ring_<svc>    slot -> backend id;  backends4/6: id -> jump backend_<id>;
+                  newflows: id -> counter
     flows_<svc>_<tcp|udp>  dynamic flow table, per transport so each has its own timeout
 
 Backend ids (the mark values) are stable: allocated once per (service, backend
@@ -28,6 +32,7 @@ key hashes the client address: `jhash ip6 saddr mod 0xffffffff seed S . sport . 
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -91,20 +96,26 @@ def _ring_key_expr(sd: ServiceDesired) -> str:
     return f"jhash {fields} mod {sd.service.ring_size}"
 
 
+def _backend_chain(bid: int) -> str:
+    return f"backend_{bid}"
+
+
+def _backend_rules(bid: int, address: IPAddress) -> list[str]:
+    return [f'counter name "pkts_{bid}" fwd {_ip(address.version)} to {address} device iif']
+
+
 def _service_rules(sd: ServiceDesired, names: ServiceNames) -> list[str]:
     svc = sd.service
     family = _family(svc.vip)
-    ip = _ip(family)
     key = flow_key_expr(family, sd.seed)
-    forward = f"fwd {ip} to meta mark map @backends{family} device iif"
+    forward = f"meta mark vmap @backends{family}"
     timeouts = {"tcp": svc.conntrack.tcp_timeout, "udp": svc.conntrack.udp_timeout}
     rules = []
     for transport in svc.protocol.transports:
         flows = names.flows(transport)
         update = f"update @{flows} {{ {key} timeout {_seconds(timeouts[transport])} : meta mark }}"
         rules.append(
-            f"meta l4proto {transport} meta mark set {key} map @{flows} {update} "
-            f"counter name meta mark map @pkts {forward}"
+            f"meta l4proto {transport} meta mark set {key} map @{flows} {update} {forward}"
         )
     if sd.ring is not None:
         rules.append(f"meta mark set {_ring_key_expr(sd)} seed {sd.seed:#x} map @{names.ring}")
@@ -114,9 +125,7 @@ def _service_rules(sd: ServiceDesired, names: ServiceNames) -> list[str]:
                 f"meta l4proto {transport} update @{flows} "
                 f"{{ {key} timeout {_seconds(timeouts[transport])} : meta mark }}"
             )
-        rules.append(
-            f"counter name meta mark map @newflows counter name meta mark map @pkts {forward}"
-        )
+        rules.append(f"counter name meta mark map @newflows {forward}")
     rules.append(f'counter name "{names.drop_counter}" drop')
     return rules
 
@@ -174,11 +183,10 @@ def render(
     rs = Ruleset(table)
     for family in (4, 6):
         ip = _ip(family)
-        rs.add_set(Set(f"backends{family}", "meta mark", f"{ip} daddr"))
+        rs.add_set(Set(f"backends{family}", "meta mark", "verdict"))
         dispatch_key = f"{ip} daddr . meta l4proto . th dport"
         rs.add_set(Set(f"exact{family}", dispatch_key, "verdict"))
         rs.add_set(Set(f"dispatch{family}", dispatch_key, "verdict", flags=("interval",)))
-    pkts: list[Element] = []
     new: list[Element] = []
     for sd in desired.services:
         svc = sd.service
@@ -203,17 +211,19 @@ def render(
         backend_ids = [ids[(svc.name, b.key)] for b in sd.backends]
         for b, bid in zip(sd.backends, backend_ids, strict=True):
             owner = f"{svc.name}{_OWNER_SEP}{b.key}"
+            # `jump`, not `goto`: should a backend chain not forward (it always does), the
+            # packet returns to the service chain's next rule, never to the base chain's
+            # accept (delivery to the load balancer itself).
             rs.elements[f"backends{family}"][(str(bid),)] = Element(
-                f"backends{family}", (str(bid),), str(b.address), comment=owner
+                f"backends{family}", (str(bid),), f"jump {_backend_chain(bid)}", comment=owner
             )
+            rs.add_chain(Chain(_backend_chain(bid)), _backend_rules(bid, b.address))
             rs.add_counter(Counter(f"pkts_{bid}", comment=owner))
             rs.add_counter(Counter(f"new_{bid}", comment=owner))
-            pkts.append(Element("pkts", (str(bid),), f'"pkts_{bid}"'))
             new.append(Element("newflows", (str(bid),), f'"new_{bid}"'))
         if sd.ring is not None:
             rs.sets[names.ring] = Set(names.ring, _ring_key_expr(sd), "meta mark", comment=svc.name)
             rs.elements[names.ring] = ring_elements(names.ring, sd.ring, backend_ids, ring_cache)
-    rs.add_set(Set("pkts", "mark", "counter", typeof=False), pkts)
     rs.add_set(Set("newflows", "mark", "counter", typeof=False), new)
     for interface in interfaces:
         rs.add_chain(
@@ -414,12 +424,12 @@ class DsrDriver:
         return self._desired.services if self._desired is not None else ()
 
     def _active_flows(self, sd: ServiceDesired) -> dict[int, int]:
-        counts: dict[int, int] = {}
+        counts: collections.Counter[int] = collections.Counter()
         for transport in sd.service.protocol.transports:
-            for elem in self._flow_entries(ServiceNames.of(sd.service.name).flows(transport)):
-                bid = int(elem.value or 0)
-                counts[bid] = counts.get(bid, 0) + 1
-        return counts
+            counts.update(
+                self.nft.count_marks(self.table, ServiceNames.of(sd.service.name).flows(transport))
+            )
+        return dict(counts)
 
     def _flow_entries(self, flows: str) -> list[Element]:
         if self._applied is not None and flows not in self._applied.sets:

@@ -10,6 +10,7 @@ nft script, elements sorted) for golden files.
 
 from __future__ import annotations
 
+import collections
 import re
 
 from passlb.dataplane.nft.objects import (
@@ -62,6 +63,11 @@ class FakeNft:
         if set_name not in rs.sets:
             raise DataplaneError(f"set {set_name!r} not found in table {table.name!r}")
         return list(rs.elements[set_name].values())
+
+    def count_marks(self, table: Table, map_name: str) -> dict[int, int]:
+        rs = self.tables.get(_key(table))
+        elements = rs.elements.get(map_name, {}) if rs is not None else {}
+        return dict(collections.Counter(int(e.value or 0) for e in elements.values()))
 
     def read_counters(self, table: Table) -> dict[str, CounterValue]:
         rs = self._table(table)

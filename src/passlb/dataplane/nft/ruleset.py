@@ -92,6 +92,10 @@ class NftBackend(Protocol):
         """Named counters of the table, by name."""
         ...
 
+    def count_marks(self, table: Table, map_name: str) -> dict[int, int]:
+        """How many elements of a map hold each mark value ({} without the map)."""
+        ...
+
 
 # -- declaration fingerprints -------------------------------------------------
 

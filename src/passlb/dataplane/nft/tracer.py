@@ -2,10 +2,11 @@
 
 Interprets the rule vocabulary our renderers write (kube-proxy's tracer habit:
 test behaviour, not text): header matches, concatenated lookups in maps and
-verdict maps (intervals included), `jhash ... mod N seed S` with the kernel
-twin, `update @set { key [timeout T] : value }` (which fails on a full set),
-named and mapped counters, `fwd`, `goto`/`jump`, `accept`/`drop`. A failed
-lookup ends the rule and the packet moves to the next one, as in the kernel.
+verdict maps (intervals included), address literals, `jhash ... mod N seed S`
+with the kernel twin, `update @set { key [timeout T] : value }` (which fails
+on a full set), named and mapped counters, `fwd`, `goto`/`jump`,
+`accept`/`drop`. A failed lookup ends the rule and the packet moves to the
+next one, as in the kernel.
 It mutates the ruleset it traces through: flow tables fill, counters count.
 
 Pure: no I/O.
@@ -164,7 +165,11 @@ class _RuleRun:
             return self.t.field(f"{tok} {self.take()}")
         if tok == "iif":
             return self.t.field("iif")
-        raise TraceError(f"unknown expression {tok!r}")
+        try:
+            literal = ip_address(tok)  # `fwd ip to 198.18.2.11`
+        except ValueError:
+            raise TraceError(f"unknown expression {tok!r}") from None
+        return str(literal), literal.packed
 
     def set_ref(self) -> str:
         tok = self.take()
