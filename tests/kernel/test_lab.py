@@ -103,6 +103,15 @@ def test_builds_quickly_with_prefixed_namespaces_and_planned_interfaces(
     assert not {"front", "back"} & {link["ifname"] for link in json.loads(root_links.stdout)}
 
 
+def test_switch_runs_no_firewall_on_bridged_frames(lab: Lab) -> None:
+    # Only where br_netfilter is loaded do these exist; then the lab turns them off.
+    path = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+    if not os.path.exists(path):
+        pytest.skip("br_netfilter is not loaded: bridged frames skip iptables anyway")
+    got = lab.run(lab.topology.switch_ns, ["cat", path]).stdout.strip()
+    assert got == "0"
+
+
 def test_client_reaches_router_and_lb_over_both_families(lab: Lab) -> None:
     client = lab.clients[0].ns
     targets = [lab.router.ipv4, lab.router.ipv6, lab.lb.ipv4, lab.lb.ipv6]

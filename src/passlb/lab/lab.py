@@ -43,6 +43,7 @@ from passlb.lab.topology import (
     plan,
     prefix_of,
     switch_commands,
+    switch_sysctls_if_present,
     sysctls,
 )
 
@@ -118,6 +119,9 @@ class Lab:
             _ip_batch(None, [f"netns add {ns}" for ns in self.namespaces])
             for ns, values in sysctls(self.topology).items():
                 netns.write_sysctls(ns, values)
+            netns.write_sysctls(
+                self.topology.switch_ns, switch_sysctls_if_present(), if_present=True
+            )
             _ip_batch(self.topology.switch_ns, switch_commands(self.topology))
             _ip_batches(node_commands(self.topology))
         except BaseException as exc:

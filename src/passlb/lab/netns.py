@@ -70,11 +70,15 @@ def inside_netns(ns: str) -> Iterator[None]:
         os.close(home)
 
 
-def write_sysctls(ns: str, values: dict[str, str]) -> None:
-    """Write /proc/sys values as seen from inside `ns` (net sysctls are per namespace)."""
+def write_sysctls(ns: str, values: dict[str, str], *, if_present: bool = False) -> None:
+    """Write /proc/sys values as seen from inside `ns` (net sysctls are per
+    namespace); with `if_present`, values the kernel does not offer are skipped."""
     with inside_netns(ns):
         for path, value in values.items():
-            with open(os.path.join("/proc/sys", path), "w") as f:
+            full = os.path.join("/proc/sys", path)
+            if if_present and not os.path.exists(full):
+                continue
+            with open(full, "w") as f:
                 f.write(value)
 
 
