@@ -523,7 +523,9 @@ def methodology(settings: Settings) -> list[str]:
         "### How it was measured",
         "",
         f"- Each target has its own lab: client → router → LB + {BACKENDS} backends, "
-        "veth pairs on two bridges, all in network namespaces on this one machine. "
+        "veth pairs on two bridges, all in network namespaces on this one machine; the "
+        "bridges run no firewall (bridge-nf-call-* = 0: this host loads br_netfilter, "
+        "which otherwise runs the iptables hooks on every bridged frame). "
         "`direct` is client → router → backend b1's own address (no LB hop): the limit here. "
         "`hop` is the same address routed through the LB namespace: the router sends b1's "
         "/32 to the LB, which forwards it as a plain IP router (ip_forward=1, no nft; the "
