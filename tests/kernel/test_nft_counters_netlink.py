@@ -40,6 +40,10 @@ def test_netlink_counters_equal_nft_listing(make_lab: MakeLab, family: str) -> N
     assert len(read) == 1500 and read["c1499"] == CounterValue(1499 * 7, 1499 * 1_000_003)
     assert "elsewhere" not in read  # filtered by table in the kernel
     assert nft.read_counters(Table(family, "absent")) == {}
+    # read() lists chains, sets, maps and counters in one call (several JSON documents).
+    ruleset = nft.read(table)
+    assert ruleset is not None and ruleset.counter_values == read
+    assert nft.read(Table(family, "absent")) is None
 
 
 def test_count_marks_counts_map_values_like_nft_lists_them(make_lab: MakeLab) -> None:

@@ -8,6 +8,7 @@ grow with the rings.
 
 Message layout (include/uapi/linux/netfilter/nf_tables.h):
   nlmsghdr | nfgenmsg(family, version 0, res_id 0) | attributes
+  tables:   GETTABLE dump -> NEWTABLE: NFTA_TABLE_NAME
   counters: GETOBJ dump with NFTA_OBJ_TABLE + NFTA_OBJ_TYPE (be32 counter) ->
             NEWOBJ: NFTA_OBJ_NAME, NFTA_OBJ_DATA { COUNTER_BYTES, COUNTER_PACKETS (be64) }
   elements: GETSETELEM dump with NFTA_SET_ELEM_LIST_TABLE + _SET ->
@@ -30,6 +31,7 @@ from passlb.errors import DataplaneError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE = 0, 1
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM = 12, 13
 NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -37,6 +39,7 @@ NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
 NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
+NFTA_TABLE_NAME = 1
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
 NFT_OBJECT_COUNTER = 1
@@ -158,6 +161,15 @@ class NetlinkReader:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._sock.bind((0, 0))
         self._sock.settimeout(REPLY_TIMEOUT)
+
+    def table_names(self, family: str) -> set[str]:
+        replies = self._dump(NFT_MSG_GETTABLE, NFT_MSG_NEWTABLE, family, b"")
+        return {
+            body.rstrip(b"\0").decode()
+            for reply in replies
+            for attr, body in _attrs(reply)
+            if attr == NFTA_TABLE_NAME
+        }
 
     def counters(self, family: str, table: str) -> dict[str, CounterValue]:
         attributes = _string(NFTA_OBJ_TABLE, table)

@@ -125,7 +125,7 @@ class NftRunner:
                 self._nft.set_json_output(False)
         if rc != 0:
             raise DataplaneError(f"nft {command!r} failed: {err.strip()}")
-        items: list[Json] = json.loads(out)["nftables"] if out else []
+        items = [i for doc in _json_documents(out or "") for i in doc["nftables"]]
         if len(out or "") > BIG_TEXT:
             release_heap()
         return [i for i in items if "metainfo" not in i]
@@ -133,23 +133,25 @@ class NftRunner:
     def read(self, table: Table) -> Ruleset | None:
         if not self._table_exists(table):
             return None
-        # Listed piecewise: `list table` would also turn the rules into JSON, which
-        # nft 1.0.6 cannot do for some statements (it warns on stderr), and we do not
-        # read rules back anyway.
-        where = f"{table.family} {table.name}"
+        # Not `list table`: that would also turn the rules into JSON, which nft
+        # 1.0.6 cannot do for some statements (it warns on stderr), and we do not
+        # read rules back. One call, though: libnftables fills its whole cache
+        # (every ring element) once per call, ~0.6 s with two 65,537-slot rings.
+        f = table.family
         found = Ruleset(table, rules_known=False)
-        for item in self.list_json(f"list chains {table.family}"):
+        listing = (
+            f"list chains {f}; list sets {f}; list maps {f}; list counters table {f} {table.name}"
+        )
+        for item in self.list_json(listing):
             if "chain" in item and item["chain"]["table"] == table.name:
                 found.add_chain(_chain_from_json(item["chain"]))
-        for kind in ("sets", "maps"):
-            for item in self.list_json(f"list {kind} {table.family}"):
-                body = item.get("set") or item.get("map")
-                if body is not None and body["table"] == table.name:
-                    found.add_set(*_set_from_json(body))
-        for item in self.list_json(f"list counters table {where}"):
-            c = item["counter"]
-            found.add_counter(Counter(c["name"], c.get("comment")))
-            found.counter_values[c["name"]] = CounterValue(c["packets"], c["bytes"])
+            body = item.get("set") or item.get("map")
+            if body is not None and body["table"] == table.name:
+                found.add_set(*_set_from_json(body))
+            if "counter" in item:
+                c = item["counter"]
+                found.add_counter(Counter(c["name"], c.get("comment")))
+                found.counter_values[c["name"]] = CounterValue(c["packets"], c["bytes"])
         return found
 
     def read_elements(self, table: Table, set_name: str) -> list[Element]:
@@ -170,8 +172,20 @@ class NftRunner:
             return dict(self._netlink.mark_values(table.family, table.name, map_name))
 
     def _table_exists(self, table: Table) -> bool:
-        items = self.list_json(f"list tables {table.family}")
-        return any(i.get("table", {}).get("name") == table.name for i in items)
+        with self._lock:  # netlink: `list tables` would fill the whole cache too
+            return table.name in self._netlink.table_names(table.family)
+
+
+def _json_documents(text: str) -> list[Json]:
+    """The JSON documents of one nft call: one per `list` command, one per line."""
+    decoder, docs, at = json.JSONDecoder(), [], 0
+    while at < len(text):
+        if text[at].isspace():
+            at += 1
+            continue
+        doc, at = decoder.raw_decode(text, at)
+        docs.append(doc)
+    return docs
 
 
 def _describe_failure(script: str, err: str) -> str:
