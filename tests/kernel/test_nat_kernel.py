@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -320,3 +321,55 @@ def test_a_new_driver_adopts_the_table_without_disturbing_a_flow(nat_lab: NatLab
     assert result.full and result.operations < 50  # rules rewritten, no ring or map rewrite
     assert streamed["errors"] == [] and streamed["rounds"] > 50, streamed
     assert successor.counters()["web"].total.new_flows == before + 1  # counters kept
+
+
+def test_conntrack_dumps_agree_with_pyroute2(nat_lab: NatLab) -> None:
+    from pyroute2 import Conntrack  # the reference decoder (too slow for the daemon)
+
+    lab = nat_lab.lab
+    addrs = [b.ipv4 for b in lab.backends]
+    nat_lab.driver.sync(
+        desired(
+            nat("web", lab.vip4, addrs, target_port=8080),
+            nat("dns", lab.vip4, addrs, protocol=Protocol.UDP, port_set=ports(53)),
+            nat("web6", lab.vip6, [b.ipv6 for b in lab.backends], target_port=8080),
+        )
+    )
+    nat_lab.call(tcp_requests, lab.vip4, 80, 10)
+    nat_lab.call(udp_requests, lab.vip4, 53, 10)
+    nat_lab.call(tcp_requests, lab.vip6, 80, 10)
+    ours = NetlinkConntrack(lab.lb.ns)
+    for family, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+        with Conntrack(nfgen_family=af, netns=lab.lb.ns) as reference:
+            expected = {
+                (
+                    e.tuple_orig.proto,
+                    ip_address(e.tuple_orig.saddr),
+                    e.tuple_orig.sport,
+                    ip_address(e.tuple_orig.daddr),
+                    e.tuple_orig.dport,
+                    ip_address(e.tuple_reply.saddr),
+                    e.tuple_reply.sport,
+                    e.mark or 0,
+                )
+                for e in reference.dump_entries()
+                if e.tuple_orig.proto in (6, 17)
+            }
+        got = {
+            (
+                6 if e.proto == "tcp" else 17,
+                e.src,
+                e.sport,
+                e.dst,
+                e.dport,
+                e.reply_src,
+                e.reply_sport,
+                e.mark,
+            )
+            for e in ours.entries(CtFilter(family))
+        }
+        assert len(got) >= 10 and got == expected
+        tally = Counter((e[-1], e[3]) for e in expected)
+        assert ours.count(family) == dict(tally)
+        marked = next(iter(got))[-1]
+        assert {e.mark for e in ours.entries(CtFilter(family, mark=marked))} == {marked}

@@ -455,9 +455,16 @@ class NatDriver:
         ]
 
     def _active_by_mark(self) -> dict[int, int]:
+        """Conntrack entries per backend id, of flows to a VIP this driver serves.
+        Counted, not listed: the daemon asks every second, and a connection-rate
+        burst leaves tens of thousands of TIME_WAIT entries behind."""
+        vips = {sd.service.vip for sd in self._known_services()}
+        marks = set(self._ids.ids.values())
         counts: dict[int, int] = {}
-        for entry in self._our_entries():
-            counts[entry.mark] = counts.get(entry.mark, 0) + 1
+        for family in sorted({v.version for v in vips}):
+            for (mark, dst), n in self.conntrack.count(family).items():
+                if mark in marks and dst in vips:
+                    counts[mark] = counts.get(mark, 0) + n
         return counts
 
     # -- teardown -------------------------------------------------------------------
