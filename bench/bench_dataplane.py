@@ -461,7 +461,9 @@ def render_section(
         parts += [
             "What the extra namespace hop costs, and what passlb adds on top of it: "
             "`hop` is the DSR path (client → router → LB namespace → b1, replies "
-            "b1 → router) with the LB namespace a plain IP router, no passlb and no nft. "
+            "b1 → router) with the LB namespace a plain IP router, no passlb and no nft; "
+            "`routed` is the NAT path (replies b1 → LB namespace → router too), equally "
+            "without passlb, nft or conntrack. "
             "Ratios of the medians (throughput: below 1 is slower; latency: above 1 is slower).",
             "",
             hop,
@@ -533,13 +535,15 @@ def methodology(settings: Settings) -> list[str]:
         "router directly, as in DSR. It is the DSR path without passlb; but passlb-dsr "
         "forwards at netdev ingress (`fwd`), before the IP stack, while `hop` goes "
         "through IP routing, so the wire path is the same and the kernel code is not. "
+        "`routed` is `hop` with b1's gateway the LB, so the replies cross it too: the "
+        "NAT path without passlb. "
         "All labs stay up during the run; the targets take turns, one round of every "
         f"workload each, {settings.rounds} round(s); a cell is the median of its rounds. "
         "The load balancers not being measured are stopped (SIGSTOP) meanwhile.",
         "- Pools: `bulk` (port 5201, TCP+UDP) has ONE backend, because iperf3's control "
         "and data connections must reach the same server; `web` (port 8080) has all "
-        f"{BACKENDS}, each running NGINX (1 worker) that returns a 3-byte body. `direct` "
-        "and `hop` have no pools: their wrk and latency runs hit b1's NGINX alone, while "
+        f"{BACKENDS}, each running NGINX (1 worker) that returns a 3-byte body. `direct`, "
+        "`hop` and `routed` have no pools: their wrk and latency runs hit b1's NGINX alone, while "
         f"the load balancers spread them over {BACKENDS} NGINX processes (on 2 vCPUs "
         "that spreads the same CPU, it adds none).",
         f"- TCP bulk: iperf3 for {s}, receiver goodput. UDP: iperf3 `-u -l 64 -b 0` "

@@ -145,12 +145,18 @@ def ahead_of(results: Results, target: str) -> list[str] | None:
 
 
 # (numerator, denominator) target pairs of the hop table: what the namespace
-# hop costs by itself, then what passlb's DSR adds to exactly that path.
-HOP_RATIOS: tuple[tuple[str, str], ...] = (("hop", "direct"), ("passlb-dsr", "hop"))
+# hop costs by itself (one way, DSR's path; both ways, NAT's path), then what
+# passlb adds on top of exactly that path.
+HOP_RATIOS: tuple[tuple[str, str], ...] = (
+    ("hop", "direct"),
+    ("passlb-dsr", "hop"),
+    ("routed", "direct"),
+    ("passlb-nat", "routed"),
+)
 
 
 def hop_table(results: Results) -> str | None:
-    """Per workload, `hop / direct` and `passlb-dsr / hop` (None: hop not measured)."""
+    """Per workload, the HOP_RATIOS (None: hop not measured)."""
     if not any(_value(results, "hop", row.key) is not None for row in ROWS):
         return None
     lines = [

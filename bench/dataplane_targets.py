@@ -12,8 +12,9 @@ the same two pools, so the workloads are the same for all:
 `direct` has no load balancer: the client talks to b1's own address.
 `hop` is `direct` routed through the LB namespace acting as a plain IP
 router (no load-balancer software, no nft): the path of a DSR packet without
-passlb, so `passlb-dsr / hop` is passlb's own cost. Like `direct` it serves
-both pools from b1 alone.
+passlb, so `passlb-dsr / hop` is passlb's own cost. `routed` also sends b1's
+replies back through the LB namespace: the path of a NAT packet without
+passlb (`passlb-nat / routed`). Like `direct` they serve both pools from b1 alone.
 Processes are started with `Lab.spawn`, so the lab's teardown kills them.
 """
 
@@ -167,6 +168,15 @@ class Hop:
         if _forwarded_datagrams(lab) == forwarded:
             raise LabError(f"the client reached {b1} without the LB forwarding a packet")
         return Endpoint(address=b1, lb_pid=None)
+
+
+class Routed(Hop):
+    """`hop` with b1's replies routed back through the LB namespace too (b1's
+    gateway is the LB): the path of a NAT packet without passlb, nft or
+    conntrack, so `passlb-nat / routed` is passlb's own cost."""
+
+    name = "routed"
+    gateway: Gateway = "lb"
 
 
 def _forwarded_datagrams(lab: Lab) -> int:
@@ -385,6 +395,7 @@ http {{
 ALL_TARGETS: tuple[Target, ...] = (
     Direct(),
     Hop(),
+    Routed(),
     Passlb("dsr", "passlb.dataplane.nft.dsr"),
     Passlb("nat", "passlb.dataplane.nft.nat"),
     Passlb("proxy", "passlb.dataplane.proxy.driver"),
