@@ -132,23 +132,12 @@ class Direct:
         return Endpoint(address=lab.backends[0].ipv4, lb_pid=None)
 
 
-class Hop:
+class Hop(Direct):
     """b1 reached through the LB namespace as a plain IP router: the router
     sends b1's /32 to the LB, which routes it on (ip_forward=1, the lab's
     default, and no nft tables); b1 answers the router directly, as in DSR."""
 
     name = "hop"
-    gateway: Gateway = "router"
-    supports_udp = True
-
-    def unavailable(self) -> str | None:
-        return None
-
-    def iperf_bind(self, lab: Lab) -> str | None:
-        return None
-
-    def prepare_backends(self, lab: Lab) -> None:
-        pass
 
     def start(self, lab: Lab, workdir: Path) -> Endpoint:
         tables = lab.run(lab.lb.ns, ["nft", "list", "tables"]).stdout.strip()

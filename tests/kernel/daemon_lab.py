@@ -15,6 +15,27 @@ from passlb.lab import Lab
 API = "127.0.0.1:9180"  # the LB namespace's own loopback
 
 
+def lab_config(lab: Lab, mode: str, services: list[tuple[str, str, int]], health: str) -> str:
+    """A daemon config for the lab: one service per (name, protocol, port) on
+    the lab's VIP, every backend in each, `health` as the [services.health] body."""
+    backends = "".join(f'\n[[services.backends]]\naddress = "{b.ipv4}"\n' for b in lab.backends)
+    text = f'interfaces = ["{lab.lb.interface}"]\n\n[api]\nlisten = "{API}"\n'
+    for name, protocol, port in services:
+        text += f"""
+[[services]]
+name = "{name}"
+vip = "{lab.vip4}"
+protocol = "{protocol}"
+ports = [{port}]
+mode = "{mode}"
+ring_size = 1009
+
+[services.health]
+{health}
+{backends}"""
+    return text
+
+
 def status() -> dict[str, Any]:
     return ApiClient(API, timeout=5.0).get("/api/v1/status")
 

@@ -22,7 +22,7 @@ from passlb.control.reconciler import assume_all_healthy
 from passlb.lab import Lab, LabSpec
 
 from .conftest import MakeLab
-from .daemon_lab import API, role, start_daemon, wait_for
+from .daemon_lab import lab_config, role, start_daemon, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -33,29 +33,6 @@ SLACK = 0.3
 STREAM = "import json, sys; from passlb.lab.client import tcp_flow_stream as s; " + (
     "print(json.dumps(s(sys.argv[1], 80, float(sys.argv[2]))))"
 )
-
-
-def _config(lab: Lab, mode: str) -> str:
-    backends = "".join(f'\n[[services.backends]]\naddress = "{b.ipv4}"\n' for b in lab.backends)
-    return f"""interfaces = ["{lab.lb.interface}"]
-[api]
-listen = "{API}"
-
-[[services]]
-name = "web"
-vip = "{lab.vip4}"
-protocol = "tcp"
-ports = [80]
-mode = "{mode}"
-ring_size = 1009
-
-[services.health]
-type = "tcp"
-interval = {INTERVAL}
-timeout = 0.1
-rise = {RISE}
-fall = {FALL}
-{backends}"""
 
 
 def _ring_choice(config_file: Path, lab: Lab, flow: dict[str, Any]) -> str:
@@ -79,7 +56,8 @@ def test_dead_backend_leaves_the_ring_in_time_and_returns(
         for b in lab.backends:
             lab.run(b.ns, [sys.executable, "-m", "passlb.cli", "backend-setup", "--vip", lab.vip4])
     config_file = tmp_path / "passlb.toml"
-    config_file.write_text(_config(lab, mode))
+    health = f'type = "tcp"\ninterval = {INTERVAL}\ntimeout = 0.1\nrise = {RISE}\nfall = {FALL}'
+    config_file.write_text(lab_config(lab, mode, [("web", "tcp", 80)], health))
     start_daemon(lab, config_file, tmp_path / "daemon.log")
     victim = lab.backends[1]
 

@@ -14,7 +14,7 @@ import pytest
 
 from passlb.lab import Lab, LabSpec
 
-from .daemon_lab import API, start_daemon
+from .daemon_lab import lab_config, start_daemon
 
 pytestmark = pytest.mark.kernel
 
@@ -33,25 +33,6 @@ print(json.dumps(out))
 """
 
 
-def config(lab: Lab, mode: str) -> str:
-    backends = "".join(f'\n[[services.backends]]\naddress = "{b.ipv4}"\n' for b in lab.backends)
-    services = ""
-    for name, proto, port in (("web", "tcp", 80), ("dns", "udp", 53)):
-        services += f"""
-[[services]]
-name = "{name}"
-vip = "{lab.vip4}"
-protocol = "{proto}"
-ports = [{port}]
-mode = "{mode}"
-ring_size = 1009
-
-[services.health]
-type = "none"
-{backends}"""
-    return f'interfaces = ["{lab.lb.interface}"]\n\n[api]\nlisten = "{API}"\n{services}'
-
-
 @pytest.mark.parametrize("mode", ["dsr", "nat"])
 def test_kill_9_keeps_forwarding_and_restart_adopts(
     make_lab: Callable[..., Lab], tmp_path: Path, mode: str
@@ -64,7 +45,9 @@ def test_kill_9_keeps_forwarding_and_restart_adopts(
         if mode == "dsr":
             lab.run(b.ns, [sys.executable, "-m", "passlb.cli", "backend-setup", "--vip", lab.vip4])
     config_file = tmp_path / "passlb.toml"
-    config_file.write_text(config(lab, mode))
+    config_file.write_text(
+        lab_config(lab, mode, [("web", "tcp", 80), ("dns", "udp", 53)], 'type = "none"')
+    )
     log = tmp_path / "daemon.log"
     daemon = start_daemon(lab, config_file, log)
 

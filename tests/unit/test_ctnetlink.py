@@ -9,6 +9,8 @@ from ipaddress import ip_address
 import pytest
 
 from passlb.dataplane.nft import ctnetlink as ct
+from passlb.dataplane.nft import nlmsg
+from passlb.dataplane.nft.nlmsg import NetlinkError
 
 NESTED = 0x8000  # NLA_F_NESTED: the kernel sets it on every nested attribute
 CTA_STATUS = 3  # attributes the decoder must step over
@@ -42,9 +44,9 @@ def tuple_attr(kind: int, src: str, dst: str, proto: int, sport: int, dport: int
 
 
 def message(kind: int, seq: int, body: bytes, family: int = socket.AF_INET) -> bytes:
-    payload = ct.NFGEN.pack(family, 0, 0) + body
-    length = ct.HEADER.size + len(payload)
-    return ct.HEADER.pack(length, kind, 0x2, seq, 0) + payload + b"\0" * (-length % 4)
+    payload = nlmsg.NFGEN.pack(family, 0, 0) + body
+    length = nlmsg.HEADER.size + len(payload)
+    return nlmsg.HEADER.pack(length, kind, 0x2, seq, 0) + payload + b"\0" * (-length % 4)
 
 
 def entry_message(seq: int, *, mark: int = 0, tcp_state: int | None = 3, v6: bool = False) -> bytes:
@@ -77,12 +79,12 @@ def entry_message(seq: int, *, mark: int = 0, tcp_state: int | None = 3, v6: boo
 
 
 def done(seq: int) -> bytes:
-    return ct.HEADER.pack(ct.HEADER.size + 4, ct.NLMSG_DONE, 0x2, seq, 0) + b"\0" * 4
+    return nlmsg.HEADER.pack(nlmsg.HEADER.size + 4, nlmsg.NLMSG_DONE, 0x2, seq, 0) + b"\0" * 4
 
 
 def error(seq: int, errno: int) -> bytes:
-    body = struct.pack("=i", -errno) + ct.HEADER.pack(ct.HEADER.size, ct.CT_GET, 0, seq, 0)
-    return ct.HEADER.pack(ct.HEADER.size + len(body), ct.NLMSG_ERROR, 0, seq, 0) + body
+    body = struct.pack("=i", -errno) + nlmsg.HEADER.pack(nlmsg.HEADER.size, ct.CT_GET, 0, seq, 0)
+    return nlmsg.HEADER.pack(nlmsg.HEADER.size + len(body), nlmsg.NLMSG_ERROR, 0, seq, 0) + body
 
 
 def test_an_entry_is_decoded_field_by_field() -> None:
@@ -121,7 +123,7 @@ def test_messages_of_another_request_are_skipped() -> None:
 
 
 def test_an_error_answer_raises_with_its_errno() -> None:
-    with pytest.raises(ct.CtNetlinkError) as raised:
+    with pytest.raises(NetlinkError) as raised:
         ct.read_messages(error(5, 1), seq=5)
     assert raised.value.errno == 1
 
@@ -131,7 +133,7 @@ def test_a_zero_error_ends_the_dump() -> None:
 
 
 def test_a_truncated_message_raises() -> None:
-    with pytest.raises(ct.CtNetlinkError, match="truncated"):
+    with pytest.raises(NetlinkError, match="truncated"):
         ct.read_messages(entry_message(4)[:-8], seq=4)
 
 
@@ -142,16 +144,16 @@ def test_an_entry_without_a_reply_tuple_is_dropped() -> None:
 
 def test_the_dump_request_asks_one_family_filtered_by_mark() -> None:
     request = ct.dump_request(socket.AF_INET6, seq=11, mark=5)
-    length, kind, flags, seq, pid = ct.HEADER.unpack_from(request)
+    length, kind, flags, seq, pid = nlmsg.HEADER.unpack_from(request)
     assert (length, kind, flags, seq, pid) == (len(request), 0x101, 0x301, 11, 0)
-    family, version, res_id = ct.NFGEN.unpack_from(request, ct.HEADER.size)
+    family, version, res_id = nlmsg.NFGEN.unpack_from(request, nlmsg.HEADER.size)
     assert (family, version, res_id) == (socket.AF_INET6, 0, 0)
-    attrs = request[ct.HEADER.size + ct.NFGEN.size :]
+    attrs = request[nlmsg.HEADER.size + nlmsg.NFGEN.size :]
     assert attrs == attr(ct.CTA_MARK, struct.pack(">I", 5)) + attr(
         ct.CTA_MARK_MASK, b"\xff\xff\xff\xff"
     )
     unfiltered = ct.dump_request(socket.AF_INET, seq=12)
-    assert len(unfiltered) == ct.HEADER.size + ct.NFGEN.size
+    assert len(unfiltered) == nlmsg.HEADER.size + nlmsg.NFGEN.size
 
 
 def test_counting_keys_entries_by_mark_protocol_and_destination() -> None:

@@ -17,11 +17,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import ctypes
 import errno
-import functools
 import itertools
-import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +26,8 @@ from typing import Any, Protocol, TypeVar
 
 from passlb.dataplane.nft import ctnetlink
 from passlb.dataplane.nft.ctnetlink import RawEntry
+from passlb.dataplane.nft.netlink import in_netns
+from passlb.dataplane.nft.nlmsg import NETLINK_NETFILTER, NetlinkError
 from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import L4PROTO
 from passlb.model import IPAddress, PortSet
@@ -228,7 +227,7 @@ def _tuple(family: int, dst: IPAddress | None, proto: str, **fields: Any) -> Any
 
 
 def _delete_one(ct: Any, entry: CtEntry) -> int:
-    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.exceptions import NetlinkError as Pyroute2Error
 
     orig = _tuple(
         entry.family,
@@ -240,7 +239,7 @@ def _delete_one(ct: Any, entry: CtEntry) -> int:
     )
     try:
         ct.entry("del", tuple_orig=orig)
-    except NetlinkError as exc:
+    except Pyroute2Error as exc:
         if exc.code == errno.ENOENT:
             return 0  # ended (or was cut) meanwhile: what we wanted anyway
         raise DataplaneError(f"conntrack delete of {entry} failed: {exc}") from exc
@@ -251,7 +250,6 @@ def _delete_one(ct: Any, entry: CtEntry) -> int:
 
 DUMP_TIMEOUT = 10.0  # seconds without an answer before a dump is given up
 _RECV_BUFFER = 1 << 16  # a dump answer comes in netlink skbs of at most a few pages
-_CLONE_NEWNET = 0x40000000
 
 
 @contextlib.contextmanager
@@ -260,7 +258,7 @@ def _netlink_socket(netns: str | None) -> Iterator[socket.socket]:
     the namespace it was created in, so a short-lived thread that joined the
     namespace creates it and the rest of the process stays where it is."""
     try:
-        sock = _new_socket() if netns is None else _in_thread(lambda: _joined(netns, _new_socket))
+        sock = in_netns(netns, _new_socket)
     except OSError as exc:
         raise DataplaneError(f"cannot open conntrack (ctnetlink): {exc}") from exc
     try:
@@ -270,26 +268,9 @@ def _netlink_socket(netns: str | None) -> Iterator[socket.socket]:
 
 
 def _new_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ctnetlink.NETLINK_NETFILTER)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     sock.settimeout(DUMP_TIMEOUT)
     return sock
-
-
-def _joined(netns: str, work: Callable[[], T]) -> T:
-    """Run `work` after moving the calling thread (only) into `netns`."""
-    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if _libc().setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-    return work()
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _answers(sock: socket.socket, family: int, seq: int, mark: int | None) -> Iterator[bytes]:
@@ -304,7 +285,7 @@ def _answers(sock: socket.socket, family: int, seq: int, mark: int | None) -> It
 def _dump_errors() -> Iterator[None]:
     try:
         yield
-    except (OSError, ctnetlink.CtNetlinkError) as exc:
+    except (OSError, NetlinkError) as exc:
         raise DataplaneError(f"conntrack dump failed: {exc}") from exc
 
 

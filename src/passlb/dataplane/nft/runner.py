@@ -1,24 +1,22 @@
 """NftRunner: applies a Transaction with one libnftables call; reads tables back as JSON.
 
 The runner can work on another network namespace: libnftables binds its
-netlink socket when the context is created, so creating the context in a
-short-lived thread that has joined the namespace (setns affects only the
-calling thread) gives a context that talks to that namespace for good, while
-the rest of the process stays where it is.
+netlink socket when the context is created, so the context (and the
+nfnetlink reader beside it) is created by `netlink.in_netns`, in a short-lived
+thread that joined the namespace, and talks to that namespace for good.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import os
 import re
 import threading
 from typing import Any
 
 import nftables
 
-from passlb.dataplane.nft.netlink import NetlinkReader
+from passlb.dataplane.nft.netlink import NetlinkReader, in_netns
 from passlb.dataplane.nft.objects import (
     Chain,
     Counter,
@@ -31,36 +29,9 @@ from passlb.dataplane.nft.ruleset import Ruleset
 from passlb.dataplane.nft.transaction import Transaction
 from passlb.errors import DataplaneError
 
-_CLONE_NEWNET = 0x40000000
 _LOCATION = re.compile(r"^(?:[^:\s]*):(\d+):\d+(?:-\d+)?: ", re.MULTILINE)
 
 Json = dict[str, Any]
-
-
-def _open_in_netns(netns: str) -> tuple[nftables.Nftables, NetlinkReader]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    made: list[tuple[nftables.Nftables, NetlinkReader]] = []
-    failure: list[BaseException] = []
-
-    def create() -> None:
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            made.append((nftables.Nftables(), NetlinkReader()))
-        except BaseException as exc:  # handed to the caller's thread below
-            failure.append(exc)
-
-    thread = threading.Thread(target=create, name=f"nft-netns-{netns}")
-    thread.start()
-    thread.join()
-    if failure:
-        raise DataplaneError(f"cannot open nftables in netns {netns!r}: {failure[0]}")
-    return made[0]
 
 
 BIG_TEXT = 1 << 20  # a full 65537-slot ring is several MB of nft text or JSON
@@ -88,10 +59,12 @@ class NftRunner:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        if netns:
-            self._nft, self._netlink = _open_in_netns(netns)
-        else:
-            self._nft, self._netlink = nftables.Nftables(), NetlinkReader()
+        try:
+            self._nft, self._netlink = in_netns(
+                netns or None, lambda: (nftables.Nftables(), NetlinkReader())
+            )
+        except OSError as e:
+            raise DataplaneError(f"cannot open nftables in netns {netns!r}: {e}") from e
         self._lock = threading.Lock()  # one libnftables context is not thread-safe
 
     # -- writes ---------------------------------------------------------------
