@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/bench_dataplane.py [--targets direct,passlb-dsr,...] [--quick]
 
-Every target gets its own lab (client -> router -> LB + 3 backends, all in
+Every target gets its own lab (client -> router -> LB + one backend, all in
 198.18.0.0/15 inside namespaces this run creates) and the same workloads
 (`dataplane_workloads`), taking turns with the other targets (the idle ones
 stopped) for three rounds; the table shows medians. Then the dsr driver's
@@ -75,7 +75,11 @@ from passlb.lab import Lab, LabError, LabSpec
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
-BACKENDS = 3
+# One backend, as `direct` has: spread over three NGINX processes that share
+# the same 2 vCPUs, the load balancers lost about a tenth of their connection
+# rate to wake-ups on the backend side, which is no cost of theirs.
+BACKENDS = 1
+CONTROL_BACKENDS = 3  # per service, in the control-plane cost
 READY_TIMEOUT = 10.0
 SETTLE = 2.0  # seconds after resuming a stopped load balancer, before measuring it
 PAUSE = 0.5  # seconds between workloads, so one's leftovers (TIME_WAIT, queues) settle
@@ -417,7 +421,7 @@ def measure_control_plane(settings: Settings) -> list[SyncCost]:
     costs = []
     log.info("control plane: dsr driver sync")
     try:
-        with Lab(LabSpec(backends=BACKENDS, clients=1, ipv6=False)) as lab:
+        with Lab(LabSpec(backends=CONTROL_BACKENDS, clients=1, ipv6=False)) as lab:
             for services in settings.control_services:
                 cost = sync_cost(lab, services, CONTROL_RING_SIZE)
                 log.info(
@@ -487,7 +491,7 @@ def render_section(
         parts += [
             "### Control plane: dsr driver `sync`",
             "",
-            f"Services on one VIP (a port each), {BACKENDS} backends each, "
+            f"Services on one VIP (a port each), {CONTROL_BACKENDS} backends each, "
             f"{CONTROL_RING_SIZE}-slot rings, real nft in a lab namespace, timed by the "
             "driver (render + diff + one transaction). The change in every service drains "
             "one backend in each (about a third of every ring moves); the change in one "
@@ -524,7 +528,7 @@ def methodology(settings: Settings) -> list[str]:
     return [
         "### How it was measured",
         "",
-        f"- Each target has its own lab: client → router → LB + {BACKENDS} backends, "
+        f"- Each target has its own lab: client → router → LB + one backend (b1), "
         "veth pairs on two bridges, all in network namespaces on this one machine; the "
         "bridges run no firewall (bridge-nf-call-* = 0: this host loads br_netfilter, "
         "which otherwise runs the iptables hooks on every bridged frame). "
@@ -540,12 +544,13 @@ def methodology(settings: Settings) -> list[str]:
         "All labs stay up during the run; the targets take turns, one round of every "
         f"workload each, {settings.rounds} round(s); a cell is the median of its rounds. "
         "The load balancers not being measured are stopped (SIGSTOP) meanwhile.",
-        "- Pools: `bulk` (port 5201, TCP+UDP) has ONE backend, because iperf3's control "
-        "and data connections must reach the same server; `web` (port 8080) has all "
-        f"{BACKENDS}, each running NGINX (1 worker) that returns a 3-byte body. `direct`, "
-        "`hop` and `routed` have no pools: their wrk and latency runs hit b1's NGINX alone, while "
-        f"the load balancers spread them over {BACKENDS} NGINX processes (on 2 vCPUs "
-        "that spreads the same CPU, it adds none).",
+        "- Pools: both services, `bulk` (port 5201, TCP+UDP, iperf3) and `web` (port 8080, "
+        "NGINX with 1 worker returning a 3-byte body), have the one backend b1, which is "
+        "what `direct`, `hop` and `routed` reach too, so every target asks the same of the "
+        "backend. (Until 2026-11-28 `web` had 3 backends: on these 2 vCPUs three NGINX "
+        "processes cost the load balancers about a tenth of their connection rate in "
+        "wake-ups, which `direct`, hitting one NGINX, did not pay: passlb-dsr / hop was "
+        "0.76 with three, 0.84-0.92 with one, in runs of the same hour.)",
         f"- TCP bulk: iperf3 for {s}, receiver goodput. UDP: iperf3 `-u -l 64 -b 0` "
         f"for {s}, datagrams the backend received per second (the sender runs flat out; "
         "loss is expected).",
