@@ -51,7 +51,7 @@ class RecordingDriver:
         self.synced.append(desired)
         return ApplyResult(full=full, operations=1, duration=0.0)
 
-    def counters(self) -> dict[str, ServiceCounters]:
+    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
         return {}
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:

@@ -45,7 +45,7 @@ class RecordingDriver:
         self.syncs.append((desired, full))
         return ApplyResult(full=full, operations=1, duration=0.0)
 
-    def counters(self) -> dict[str, ServiceCounters]:
+    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
         return {}
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:

@@ -7,6 +7,7 @@ from collections import Counter as Tally
 from dataclasses import replace
 from ipaddress import ip_address
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -352,7 +353,7 @@ def test_adoption_does_not_cut_udp_flows_of_an_existing_ring() -> None:
     assert ct.deleted == []
 
 
-def test_counters_and_flows_read_marks_from_conntrack() -> None:
+def test_counters_and_flows_read_marks_from_conntrack(monkeypatch: pytest.MonkeyPatch) -> None:
     fake, ct = FakeNft(), FakeConntrack()
     drv = driver(fake, ct)
     drv.sync(state(nat("web", B[:2], port_set=ports(80))))
@@ -367,6 +368,14 @@ def test_counters_and_flows_read_marks_from_conntrack() -> None:
     flows = drv.flows(backend=B[0])
     assert sorted(f.src_port for f in flows) == [1000, 1001]
     assert {f.dst_port for f in drv.flows("web")} == {80}
+    # The daemon's rate sampler skips the conntrack walk and keeps the rest.
+    monkeypatch.setattr(ct, "entries", _no_walk)
+    monkeypatch.setattr(ct, "count", _no_walk)
+    assert drv.counters(active_flows=False)["web"].total.active_flows == 0
+
+
+def _no_walk(*args: object) -> NoReturn:
+    raise AssertionError("the conntrack table was walked")
 
 
 def test_a_failed_cut_is_retried_on_the_next_sync() -> None:

@@ -84,6 +84,10 @@ def test_new_flows_follow_the_ring_as_the_kernel_twin_predicts() -> None:
     counters = drv.counters()["web"]
     assert counters.total.new_flows == 300
     assert counters.total.active_flows == 300
+    # The daemon's rate sampler skips the flow-table walk and keeps the rest.
+    cheap = drv.counters(active_flows=False)["web"]
+    assert cheap.total.active_flows == 0
+    assert {k: c.new_flows for k, c in cheap.backends.items()} == dict(seen)
     assert {k: c.new_flows for k, c in counters.backends.items()} == dict(seen)
     for sport in range(20000, 20300):  # the same flows again: established now
         _send(fake, drv, _tcp(sport))

@@ -104,13 +104,15 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
     }
 
 
-def read_counters(daemon: Daemon) -> tuple[dict[str, ServiceCounters], list[str]]:
+def read_counters(
+    daemon: Daemon, *, active_flows: bool = True
+) -> tuple[dict[str, ServiceCounters], list[str]]:
     """Every driver's counters, and the drivers that could not be read."""
     counters: dict[str, ServiceCounters] = {}
     errors: list[str] = []
     for mode, driver in daemon.drivers.items():
         try:
-            counters.update(driver.counters())
+            counters.update(driver.counters(active_flows=active_flows))
         except PasslbError as err:
             errors.append(f"{mode}: {err}")
     return counters, errors

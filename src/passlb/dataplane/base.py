@@ -75,8 +75,14 @@ class Driver(Protocol):
         """
         ...
 
-    def counters(self) -> dict[str, ServiceCounters]:
-        """Counters by service name, read from the data plane itself."""
+    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
+        """Counters by service name, read from the data plane itself.
+
+        `active_flows=False` lets a driver skip counting the active flows
+        (BackendCounters.active_flows is then 0) where that is what a read
+        costs: the kernel drivers walk every flow-table or conntrack entry
+        for it, while the other counters are a few objects.
+        """
         ...
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:

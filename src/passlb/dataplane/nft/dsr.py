@@ -394,10 +394,10 @@ class DsrDriver:
 
     # -- reads ----------------------------------------------------------------------
 
-    def counters(self) -> dict[str, ServiceCounters]:
+    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
         services = self._known_services()
         active: dict[int, int] = {}
-        for sd in services:
+        for sd in services if active_flows else ():
             active.update(self._active_flows(sd))
         return service_counters(
             services, self._owners.ids, self.nft.read_counters(self.table), active

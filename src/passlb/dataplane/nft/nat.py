@@ -409,11 +409,10 @@ class NatDriver:
 
     # -- reads ----------------------------------------------------------------------
 
-    def counters(self) -> dict[str, ServiceCounters]:
+    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
         values = self.nft.read_counters(self.table)
-        return service_counters(
-            self._known_services(), self._ids.ids, values, self._active_by_mark()
-        )
+        active = self._active_by_mark() if active_flows else {}
+        return service_counters(self._known_services(), self._ids.ids, values, active)
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
         found: list[Flow] = []

@@ -192,7 +192,8 @@ class ProxyDriver:
 
     # ------------------------------------------------------------ reading
 
-    def counters(self) -> dict[str, ServiceCounters]:
+    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
+        # Active flows are counted as they come and go: cheap, so always given.
         return {name: runtime.counters() for name, runtime in self._runtimes.items()}
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:

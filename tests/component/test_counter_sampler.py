@@ -1,0 +1,64 @@
+"""The daemon's once-a-second counter sampler reads what rates need, not the flow tables."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from passlb.api.views import read_counters
+from passlb.config import parse_config
+from passlb.control.desired import DesiredState
+from passlb.daemon import Daemon
+from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
+from passlb.model import Mode
+
+CONFIG = """
+[[services]]
+name = "web"
+vip = "127.0.0.1"
+ports = 18080
+mode = "proxy"
+[[services.backends]]
+address = "127.0.0.2"
+port = 18081
+"""
+
+
+class CountingDriver:
+    name = "proxy"
+
+    def __init__(self) -> None:
+        self.reads: list[bool] = []  # the active_flows argument of each counters() call
+
+    def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
+        return ApplyResult(full=full, operations=0, duration=0.0)
+
+    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
+        self.reads.append(active_flows)
+        return {}
+
+    def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
+        return []
+
+    def close(self, *, cleanup: bool = False) -> None:
+        pass
+
+
+def test_the_sampler_skips_active_flows_and_status_reads_them() -> None:
+    daemon = Daemon(Path("passlb.toml"), parse_config(CONFIG))
+    driver = CountingDriver()
+    daemon.drivers[Mode.PROXY] = driver
+
+    async def sample_once() -> None:
+        task = asyncio.create_task(daemon.sample_counters())
+        while not driver.reads:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(sample_once())
+    assert driver.reads == [False]
+    read_counters(daemon)  # what status and metrics call
+    assert driver.reads == [False, True]
