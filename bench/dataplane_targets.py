@@ -227,6 +227,8 @@ def passlb_config(mode: str, vip: str, lb: Node, backends: tuple[Node, ...]) -> 
     (every backend serves from the start; checks would only add noise)."""
     lines = [f'interfaces = ["{lb.interface}"]', "", "[api]", f'listen = "{API_LISTEN}"', ""]
     lines += ["[log]", 'level = "warning"', ""]
+    if mode == "proxy":
+        lines += ["[proxy]", 'workers = "auto"', ""]  # relay processes, as NGINX runs workers
     for name, protocol, port, pool in (
         ("bulk", "tcp+udp", BULK_PORT, backends[:1]),
         ("web", "tcp", HTTP_PORT, backends),

@@ -73,8 +73,14 @@ def build_drivers(config: Config, interfaces: tuple[str, ...]) -> dict[Mode, Dri
         drivers[Mode.NAT] = NatDriver()
     if Mode.PROXY in modes:
         from passlb.dataplane.proxy.driver import ProxyDriver
+        from passlb.dataplane.proxy.workers import WorkerPool, resolve_workers
 
-        drivers[Mode.PROXY] = ProxyDriver()
+        workers = resolve_workers(config.proxy.workers)
+        drivers[Mode.PROXY] = (
+            WorkerPool(workers, log_level=config.log_level, log_format=config.log_format)
+            if workers > 1
+            else ProxyDriver()  # the relay on the daemon's own loop
+        )
     return drivers
 
 

@@ -254,10 +254,18 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class ProxySettings:
+    """How the proxy mode runs: settings for every proxy service at once."""
+
+    workers: int | None = 1  # relay processes; 1: in the daemon itself; None: one per CPU
+
+
+@dataclass(frozen=True)
 class Config:
     services: tuple[Service, ...]
     interfaces: tuple[str, ...] = ()  # empty: auto-detect at start
     api: ApiSettings = field(default_factory=ApiSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     log_level: str = "info"
     log_format: LogFormat = LogFormat.TEXT
 

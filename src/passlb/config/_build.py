@@ -47,6 +47,7 @@ from passlb.model import (
     Protocol,
     ProxyOptions,
     ProxyProtocol,
+    ProxySettings,
     Service,
     SniFallback,
     SniRoute,
@@ -69,8 +70,9 @@ RING_SLOTS_PER_BACKEND = 100
 MAX_BACKENDS = 65535
 _MANY = 10_000_000
 
-TOP_KEYS = ("interfaces", "api", "log", "services")
+TOP_KEYS = ("interfaces", "api", "log", "proxy", "services")
 API_KEYS = ("listen", "token")
+PROXY_SETTINGS_KEYS = ("workers",)
 LOG_KEYS = ("level", "format")
 SERVICE_KEYS = (
     "name", "vip", "protocol", "ports", "mode", "affinity", "target_port", "ring_size",
@@ -130,6 +132,7 @@ def build_config(top: Table, names: ServiceNames) -> Config:
             top.issues.add(("interfaces", position), f"{name!r} is listed twice")
         interfaces.append(name)
     api = _api(top.table("api"))
+    proxy = _proxy_settings(top.table("proxy"))
     log = top.table("log")
     level, log_format = LogLevel.INFO, LogFormat.TEXT
     if log is not None:
@@ -147,6 +150,7 @@ def build_config(top: Table, names: ServiceNames) -> Config:
         services=tuple(service for _, service in services),
         interfaces=tuple(interfaces),
         api=api,
+        proxy=proxy,
         log_level=level.value,
         log_format=log_format,
     )
@@ -177,6 +181,16 @@ def _api(table: Table | None) -> ApiSettings:
             " (not loopback or a unix socket)",
         )
     return ApiSettings(listen=listen, token=token)
+
+
+def _proxy_settings(table: Table | None) -> ProxySettings:
+    if table is None:
+        return ProxySettings()
+    table.check_keys(PROXY_SETTINGS_KEYS)
+    if not table.has("workers"):
+        return ProxySettings()
+    workers = table.optional("workers", values.proxy_workers)
+    return ProxySettings(workers=workers)
 
 
 def _only_for(table: Table, key: str, modes: Sequence[Mode], mode: Mode | None) -> bool:

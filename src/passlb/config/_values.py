@@ -167,6 +167,20 @@ def listen_address(value: object) -> str:
     return raw
 
 
+MAX_PROXY_WORKERS = 256
+
+
+def proxy_workers(value: object) -> int | None:
+    """A count of relay processes, or "auto" (None: one per CPU, resolved at start)."""
+    if value == "auto":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Invalid(f'expected an integer or "auto", got {describe(value)}')
+    if not 1 <= value <= MAX_PROXY_WORKERS:
+        raise Invalid(f"must be between 1 and {MAX_PROXY_WORKERS}, got {value}")
+    return value
+
+
 def is_local_listen(listen: str) -> bool:
     """Whether only this machine can reach the listen address."""
     if listen.startswith("unix:"):

@@ -13,6 +13,7 @@ import enum
 from typing import Any
 
 from passlb.config import _build as rules
+from passlb.config import _values as values
 from passlb.model import (
     AdminState,
     Affinity,
@@ -258,6 +259,18 @@ def config_schema() -> dict[str, object]:
                 {
                     "level": _enum(rules.LogLevel, "least severe message logged"),
                     "format": _enum(LogFormat, "text or json lines"),
+                }
+            ),
+            "proxy": _table(
+                {
+                    "workers": {
+                        "oneOf": [
+                            _integer(1, values.MAX_PROXY_WORKERS),
+                            {"const": "auto"},
+                        ],
+                        "description": "relay processes for proxy mode; auto: one per CPU",
+                        "default": 1,
+                    }
                 }
             ),
             "services": {"type": "array", "items": _service()},

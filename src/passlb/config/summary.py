@@ -27,7 +27,7 @@ def summarize(config: Config) -> str:
     lines = [
         f"{_count(len(config.services), 'service')}, {_count(backends, 'backend')};"
         f" api on {config.api.listen}; interfaces: {interfaces};"
-        f" log {config.log_level} ({config.log_format.value})"
+        f" log {config.log_level} ({config.log_format.value}){_workers(config)}"
     ]
     for service in config.services:
         lines.append(
@@ -77,6 +77,13 @@ def service_warnings(service: Service) -> tuple[str, ...]:
                 "no backend in the default pool: connections that match no sni_routes are closed"
             )
     return tuple(warnings)
+
+
+def _workers(config: Config) -> str:
+    workers = config.proxy.workers
+    if workers == 1:
+        return ""  # the default: the relay runs in the daemon
+    return f"; proxy workers {'auto (one per CPU)' if workers is None else workers}"
 
 
 def _count(number: int, noun: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from passlb.control.desired import DesiredState, ServiceDesired
@@ -25,6 +25,8 @@ from passlb.model import IPAddress, Mode, ProxyOptions, ProxyProtocol, Service
 
 LISTEN_BACKLOG = 1024
 _FlowFilter = Callable[[FlowHandle], bool]
+# New listener keys -> their sockets, every one or none (raise DataplaneError).
+Binder = Callable[[Mapping["ListenerKey", Service]], dict["ListenerKey", socket.socket]]
 _ACCEPT_BATCH = 64  # connections accepted per wake-up, so one listener cannot starve the loop
 
 
@@ -89,7 +91,10 @@ class ProxyDriver:
 
     name = "proxy"
 
-    def __init__(self) -> None:
+    def __init__(self, *, bind: Binder | None = None) -> None:
+        # A relay worker process binds nothing itself: its parent hands it
+        # SO_REUSEPORT sockets it bound for each sync (workers.py).
+        self._bind = bind or _bind_all
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runtimes: dict[str, ServiceRuntime] = {}
         self._retired: list[ServiceRuntime] = []  # removed services whose flows drain
@@ -114,8 +119,8 @@ class ProxyDriver:
             raise DataplaneError("the proxy driver is closed")
         started = time.perf_counter()
         loop = self.loop
-        wanted = _wanted_listeners(desired)
-        new_sockets = _bind_all(
+        wanted = wanted_listeners(desired)
+        new_sockets = self._bind(
             {key: sd.service for key, sd in wanted.items() if key not in self._listeners}
         )
         # Nothing below raises: the change is committed as a whole.
@@ -253,7 +258,8 @@ def _on_port(port: int) -> _FlowFilter:
     return lambda flow: flow.vip_port == port
 
 
-def _wanted_listeners(desired: DesiredState) -> dict[ListenerKey, ServiceDesired]:
+def wanted_listeners(desired: DesiredState) -> dict[ListenerKey, ServiceDesired]:
+    """Every listener the desired state needs; DataplaneError for what proxy cannot serve."""
     wanted: dict[ListenerKey, ServiceDesired] = {}
     for sd in desired.services:
         service = sd.service
@@ -287,23 +293,31 @@ def _ports(service: Service) -> Iterator[int]:
         yield from range(port_range.first, port_range.last + 1)
 
 
-def _bind_all(wanted: dict[ListenerKey, Service]) -> dict[ListenerKey, socket.socket]:
+def _bind_all(wanted: Mapping[ListenerKey, Service]) -> dict[ListenerKey, socket.socket]:
     """Bind every listener or none: on the first failure, close what was bound."""
     bound: dict[ListenerKey, socket.socket] = {}
     try:
         for key, service in sorted(wanted.items()):
-            bound[key] = _bind(key, service)
+            bound[key] = bind_listener(key, service)
     except OSError as e:
         for sock in bound.values():
             sock.close()
-        raise DataplaneError(
-            f"service {service.name}: cannot listen on {key.transport} "
-            f"{service.vip}:{key.port}: {e.strerror or e}"
-        ) from e
+        raise listen_error(key, service, e) from e
     return bound
 
 
-def _bind(key: ListenerKey, service: Service) -> socket.socket:
+def listen_error(key: ListenerKey, service: Service, error: OSError) -> DataplaneError:
+    return DataplaneError(
+        f"service {service.name}: cannot listen on {key.transport} "
+        f"{service.vip}:{key.port}: {error.strerror or error}"
+    )
+
+
+def bind_listener(
+    key: ListenerKey, service: Service, *, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
+    """The listening socket of one key; `reuse_port` for one of several relay workers'
+    sockets on the same key, `listen=False` to probe whether the address is free."""
     family = socket.AF_INET6 if service.vip.version == 6 else socket.AF_INET
     kind = socket.SOCK_STREAM if key.transport == "tcp" else socket.SOCK_DGRAM
     sock = socket.socket(family, kind)
@@ -313,11 +327,15 @@ def _bind(key: ListenerKey, service: Service) -> socket.socket:
             # a second TCP listener on the same address, so conflicts surface.
             # (Not for UDP: there it would let two sockets share the port.)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if service.proxy is not None and service.proxy.transparent:
             set_transparent(sock, family)
         sock.bind((key.vip, key.port))
+        if not listen:
+            return sock
         if kind == socket.SOCK_STREAM:
             # Accepted sockets inherit it (Linux copies the listener's TCP
             # options): one setsockopt per connection saved. See tcp.py.
