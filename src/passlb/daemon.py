@@ -96,6 +96,20 @@ def cleanup_dataplane() -> list[str]:
     return [f"{t.family} {t.name}" for t in tables if delete_table(runner, t)]
 
 
+def start_only_changes(running: Config, loaded: Config) -> list[str]:
+    """The settings read at start only that `loaded` changes (a reload leaves them)."""
+    settings = {
+        "interfaces": (running.interfaces, loaded.interfaces),
+        "[api]": (running.api, loaded.api),
+        "[log]": (
+            (running.log_level, running.log_format),
+            (loaded.log_level, loaded.log_format),
+        ),
+        "[proxy]": (running.proxy, loaded.proxy),
+    }
+    return [name for name, (old, new) in settings.items() if old != new]
+
+
 class Daemon:
     def __init__(self, config_path: Path, config: Config) -> None:
         self.config_path = config_path
@@ -227,12 +241,17 @@ class Daemon:
         new_modes = {s.mode for s in config.services} - set(self.drivers)
         if new_modes:
             self.drivers.update(build_drivers(config, self.interfaces))
+        unapplied = start_only_changes(self.config, config)
         self.reconciler.set_config(config)
         await self.checker.update(config)
         self.last_reload["ok"] = True
+        self.last_reload["restart_needed"] = unapplied
+        message = f"reload accepted: {len(config.services)} service(s)"
+        if unapplied:
+            message += f"; {', '.join(unapplied)} changed, read at start only: restart to apply"
         self._event(
             "reload",
-            f"reload accepted: {len(config.services)} service(s)",
+            message,
             log_as="reload accepted",
             ok=True,
             services=len(config.services),

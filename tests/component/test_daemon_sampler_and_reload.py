@@ -1,4 +1,4 @@
-"""The daemon's once-a-second counter sampler reads what rates need, not the flow tables."""
+"""The daemon without its event loop running: the counter sampler and reloads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from passlb.api.views import read_counters
+from passlb.api.views import format_status, read_counters
 from passlb.config import parse_config
 from passlb.control.desired import DesiredState
 from passlb.daemon import Daemon
@@ -62,3 +62,21 @@ def test_the_sampler_skips_active_flows_and_status_reads_them() -> None:
     assert driver.reads == [False]
     read_counters(daemon)  # what status and metrics call
     assert driver.reads == [False, True]
+
+
+def test_a_reload_says_which_start_only_settings_it_left(tmp_path: Path) -> None:
+    path = tmp_path / "passlb.toml"
+    path.write_text(CONFIG)
+    daemon = Daemon(path, parse_config(CONFIG))
+    daemon.drivers[Mode.PROXY] = CountingDriver()
+    path.write_text('[proxy]\nworkers = 2\n[log]\nlevel = "debug"\n' + CONFIG)
+
+    ok, issues = asyncio.run(daemon.reload())
+    assert (ok, issues) == (True, [])
+    assert daemon.last_reload["restart_needed"] == ["[log]", "[proxy]"]
+    assert daemon.config.proxy.workers == 2  # the new file is the config from now on
+    assert "read at start only" in daemon.telemetry.events.since()[-1]["message"]
+    assert "[log], [proxy] as they were" in format_status(daemon.status())
+
+    asyncio.run(daemon.reload())  # the same file again: nothing more to say
+    assert daemon.last_reload["restart_needed"] == []

@@ -165,6 +165,9 @@ def format_status(doc: dict[str, Any]) -> str:
     reload = doc.get("last_reload") or {}
     if not reload.get("ok", True):
         lines.append("last reload REJECTED: " + "; ".join(reload.get("issues", [])))
+    if reload.get("restart_needed"):
+        changed = ", ".join(reload["restart_needed"])
+        lines.append(f"last reload left {changed} as they were: read at start only, restart")
     for err in doc.get("errors", []):
         lines.append(f"counter read failed: {err}")
     header = (
