@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from passlb.control.desired import DesiredState
@@ -354,12 +354,8 @@ class WorkerPool:
         for name, counters in read.counters.items():
             base = self._base.setdefault(name, {})
             for key, c in counters.backends.items():
-                b = base.get(key, BackendCounters())
-                base[key] = BackendCounters(
-                    packets=b.packets + c.packets,
-                    bytes=b.bytes + c.bytes,
-                    new_flows=b.new_flows + c.new_flows,
-                )  # its active flows died with it
+                # Its active flows died with it.
+                base[key] = _add(base.get(key, BackendCounters()), replace(c, active_flows=0))
         for name, drops in read.drops.items():
             self._base_drops.setdefault(name, Counter()).update(drops)
 
