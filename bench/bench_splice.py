@@ -22,6 +22,14 @@ docs/benchmarks.md.
 
 Run: .venv/bin/python bench/bench_splice.py  (about a minute; not part of the tests)
 Linux only; loopback only.
+
+--conn-rate measures the other end instead: short connections. wrk (2 threads,
+64 connections, `Connection: close`) -> the proxy driver in its own process
+(uvloop) -> NGINX (1 worker, a 3-byte answer), each run CONN_SECONDS after a
+1 s warm-up; reports new connections/s and the relay's CPU (user + system)
+per connection, median of RUNS runs. `--baseline SRC` interleaves runs of the
+driver from another source tree (a `src` directory of an older checkout), for
+A/B comparisons on a VM whose speed drifts between runs. Needs wrk and nginx.
 """
 
 from __future__ import annotations
@@ -34,10 +42,12 @@ import fcntl
 import importlib.metadata
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +75,8 @@ MODES = (
     "proxy-no-splice",
 )
 TICKS = os.sysconf("SC_CLK_TCK")
+CONN_SECONDS = 3
+WRK = ["wrk", "-t2", "-c64", "-H", "Connection: close"]
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 WRITE_HIGH_WATER = 256 * 1024  # the transport relay's buffer limits
 WRITE_LOW_WATER = 64 * 1024
@@ -236,9 +248,13 @@ class Run:
 
 
 def cpu_seconds(pid: int) -> float:
+    return sum(user_system_seconds(pid))
+
+
+def user_system_seconds(pid: int) -> tuple[float, float]:
     # Fields after the ")" that closes comm: utime and stime are the 12th and 13th.
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 def free_port() -> int:
@@ -356,13 +372,162 @@ def section(results: dict[str, list[Run]]) -> str:
     )
 
 
+# ------------------------------------------------------------------ --conn-rate
+
+
+@dataclass(frozen=True)
+class ConnRun:
+    connections: int
+    seconds: float
+    user: float
+    system: float
+
+    @property
+    def per_second(self) -> float:
+        return self.connections / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        return (self.user + self.system) / self.connections * 1e6
+
+    @property
+    def user_us(self) -> float:
+        return self.user / self.connections * 1e6
+
+
+def start_nginx(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    config = workdir / "nginx.conf"
+    config.write_text(
+        f"worker_processes 1; daemon off; pid {workdir}/nginx.pid;\n"
+        f"error_log {workdir}/error.log;\n"
+        "events { worker_connections 4096; }\n"
+        f"http {{ access_log off; server {{ listen {LOCALHOST}:{port} backlog=1024; "
+        'location / { return 200 "ok\\n"; } } }\n'
+    )
+    nginx = subprocess.Popen(["nginx", "-p", str(workdir), "-c", str(config)])
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            socket.create_connection((LOCALHOST, port), timeout=1).close()
+            return nginx, port
+        except OSError:
+            if time.monotonic() > deadline or nginx.poll() is not None:
+                nginx.kill()
+                raise RuntimeError(f"nginx did not start: see {workdir}/error.log") from None
+            time.sleep(0.05)
+
+
+def wrk(port: int, seconds: int) -> int:
+    """Completed requests (= connections, one request each)."""
+    argv = [*WRK, f"-d{seconds}s", f"http://{LOCALHOST}:{port}/"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors through the relay:\n{out}")
+    found = re.search(r"(\d+) requests in", out)
+    if found is None:
+        raise RuntimeError(f"no request count in wrk's output:\n{out}")
+    return int(found.group(1))
+
+
+def conn_rate_once(backend_port: int, src: str | None) -> ConnRun:
+    listen_port = free_port()
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    relay = subprocess.Popen(
+        [sys.executable, __file__, "--relay", "proxy", str(listen_port), str(backend_port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
+        wrk(listen_port, 1)  # warm-up: parsed client addresses cached, allocator grown
+        user_before, system_before = user_system_seconds(relay.pid)
+        started = time.perf_counter()
+        connections = wrk(listen_port, CONN_SECONDS)
+        elapsed = time.perf_counter() - started
+        user_after, system_after = user_system_seconds(relay.pid)
+        return ConnRun(connections, elapsed, user_after - user_before, system_after - system_before)
+    finally:
+        relay.kill()
+        relay.wait()
+
+
+def conn_rate_section(results: dict[str, list[ConnRun]]) -> str:
+    rows = []
+    for name, runs in results.items():
+        cpu = [r.cpu_us for r in runs]
+        rows.append(
+            f"| {name} | {statistics.median(r.per_second for r in runs):,.0f} "
+            f"| {statistics.median(cpu):.0f} ({min(cpu):.0f}-{max(cpu):.0f}) "
+            f"| {statistics.median(r.user_us for r in runs):.0f} |"
+        )
+    return "\n".join(
+        [
+            "## Proxy relay: CPU per short connection (issue 7, connection rate)",
+            "",
+            f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} vCPU, "
+            f"Linux {platform.release()}, Python {platform.python_version()}, "
+            f"uvloop {importlib.metadata.version('uvloop')}, by "
+            "`bench/bench_splice.py --conn-rate`: wrk (2 threads, 64 connections, "
+            f"`Connection: close`, {CONN_SECONDS} s) -> the proxy driver in its own process -> "
+            f"NGINX (1 worker), all on loopback and the same CPUs; median of {RUNS} runs (range "
+            "in parentheses). CPU is the relay process's user + system time per connection; "
+            "the kernel's part includes the loopback TCP work the relay's calls run inline.",
+            "",
+            "| relay | connections/s | relay CPU µs per connection | of which user |",
+            "|---|---:|---:|---:|",
+            *rows,
+            "",
+            'Design: src/passlb/dataplane/proxy/README.md, "Connection rate".',
+            "",
+        ]
+    )
+
+
+def conn_rate_main(baseline: str | None, write: bool) -> None:
+    trees: dict[str, str | None] = {"proxy": None}
+    if baseline is not None:
+        trees = {"baseline": baseline, "proxy": None}
+    results: dict[str, list[ConnRun]] = {name: [] for name in trees}
+    with tempfile.TemporaryDirectory(prefix="passlb-conn-rate-") as workdir:
+        nginx, backend_port = start_nginx(Path(workdir))
+        try:
+            for round_ in range(RUNS):  # interleaved, so a slow patch of the VM hits both
+                for name, src in trees.items():
+                    run = conn_rate_once(backend_port, src)
+                    results[name].append(run)
+                    print(
+                        f"round {round_ + 1} {name:8} {run.per_second:8,.0f} conn/s "
+                        f"{run.cpu_us:6.1f} µs CPU/conn (user {run.user_us:.1f})",
+                        flush=True,
+                    )
+        finally:
+            nginx.terminate()
+            nginx.wait()
+    text = conn_rate_section(results)
+    print(text)
+    if write:
+        write_section("proxy-conn-rate", text)
+        print(f"\nwritten to {DOC}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--relay", nargs=3, metavar=("MODE", "LISTEN_PORT", "BACKEND_PORT"))
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--conn-rate", action="store_true", help="short connections, not bulk")
+    parser.add_argument(
+        "--baseline", metavar="SRC", help="--conn-rate: also run the driver from this src tree"
+    )
     args = parser.parse_args()
     if args.relay:
         relay_main(args.relay[0], int(args.relay[1]), int(args.relay[2]))
+        return
+    if args.conn_rate:
+        conn_rate_main(args.baseline, write=not args.no_write)
         return
     results: dict[str, list[Run]] = {mode: [] for mode in MODES}
     for round_ in range(RUNS):  # modes take turns, so a slow patch of the VM hits them all

@@ -337,6 +337,48 @@ async def test_refused_backend_resets_the_client() -> None:
         writer.close()
 
 
+async def relay_once_the_backend_handshake_is_done() -> None:
+    loop = asyncio.get_running_loop()
+    # listen(0) queues one connection, the filler's: the backend then drops
+    # the relay's SYN, so connect() returns with the handshake in flight and
+    # it completes on the SYN's retransmit, about 1 s later.
+    with (
+        socket.create_server((LOCALHOST, 0), backlog=0) as backend,
+        socket.create_connection(backend.getsockname()),
+    ):
+        backend.setblocking(False)
+        port = free_port()
+        svc = proxy_service("slow", port, [backend.getsockname()])
+        async with running(desired(svc)) as driver:
+            reader, writer = await connect(port)
+            writer.write(b"ping")
+            await asyncio.sleep(0.2)
+            assert len(driver.flows()) == 1  # backend chosen, still connecting
+            filler, _ = await loop.sock_accept(backend)
+            filler.close()
+            freed = loop.time()
+            conn, _ = await asyncio.wait_for(loop.sock_accept(backend), 5)
+            assert loop.time() - freed > 0.3, "the SYN was not dropped: nothing was in flight"
+            with conn:
+                assert await loop.sock_recv(conn, 4) == b"ping"
+                await loop.sock_sendall(conn, b"pong")
+                assert await reader.readexactly(4) == b"pong"
+            assert await reader.read() == b""  # the backend's FIN, passed on
+            writer.close()
+            assert driver.drops()["slow"] == {}
+
+
+@pytest.mark.parametrize(
+    "loop_factory", [asyncio.new_event_loop, new_event_loop], ids=["asyncio", "uvloop"]
+)
+def test_relay_waits_for_a_backend_handshake_in_flight(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    # Over loopback the handshake is usually done inside connect() and the
+    # relay starts at once; this is the other path: a writer, then SO_ERROR.
+    async_test(loop_factory=loop_factory)(relay_once_the_backend_handshake_is_done)()
+
+
 @async_test()
 async def test_idle_timeout_closes_both_sides() -> None:
     async with backends(EchoBackend("a")) as servers:

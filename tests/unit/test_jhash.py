@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -12,10 +13,11 @@ from passlb.hashing.flowkey import (
     L4PROTO,
     hash_fields,
     hash_key_bytes,
+    hash_key_words,
     ring_slot,
     service_seed,
 )
-from passlb.hashing.jhash import jhash, nft_jhash, reciprocal_scale
+from passlb.hashing.jhash import jhash, jhash_words, nft_jhash, reciprocal_scale
 from passlb.model import Affinity, Backend, Mode, PortSet, Protocol, Service
 
 MASK = 0xFFFFFFFF
@@ -143,11 +145,50 @@ def test_key_refuses_mixed_families() -> None:
         hash_key_bytes(Affinity.CLIENT_IP, V4_SRC, 1, V6_DST, 2, 6)
 
 
-@given(st.integers(1, 65535), st.integers(0, MASK))
-def test_ring_slot_is_nft_jhash_of_the_key(sport: int, seed: int) -> None:
-    key = hash_key_bytes(Affinity.FIVE_TUPLE, V4_SRC, sport, V4_DST, 443, 6)
-    slot = ring_slot(Affinity.FIVE_TUPLE, seed, 65537, V4_SRC, sport, V4_DST, 443, 6)
-    assert slot == nft_jhash(key, 65537, seed)
+def test_key_words_refuse_mixed_families() -> None:
+    with pytest.raises(ValueError, match="mixes"):
+        hash_key_words(Affinity.CLIENT_IP, V6_SRC, 1, V4_DST, 2, 6)
+
+
+flows = st.one_of(
+    st.tuples(st.builds(IPv4Address, st.integers(0, 2**32 - 1)),
+              st.builds(IPv4Address, st.integers(0, 2**32 - 1))),
+    st.tuples(st.builds(IPv6Address, st.integers(0, 2**128 - 1)),
+              st.builds(IPv6Address, st.integers(0, 2**128 - 1))),
+)  # fmt: skip
+
+
+@given(
+    st.sampled_from(Affinity),
+    flows,
+    st.integers(0, 65535),
+    st.integers(0, 65535),
+    st.sampled_from(sorted(L4PROTO.values())),
+    st.integers(0, MASK),
+    st.integers(1, 1 << 20),
+)
+def test_ring_slot_is_nft_jhash_of_the_key(
+    affinity: Affinity,
+    addresses: tuple[IPv4Address, IPv4Address] | tuple[IPv6Address, IPv6Address],
+    sport: int,
+    dport: int,
+    l4proto: int,
+    seed: int,
+    ring_size: int,
+) -> None:
+    # ring_slot hashes words built from the values; the bytes are the definition.
+    src, dst = addresses
+    key = hash_key_bytes(affinity, src, sport, dst, dport, l4proto)
+    words = hash_key_words(affinity, src, sport, dst, dport, l4proto)
+    assert words == struct.unpack(f"<{len(key) // 4}I", key)
+    slot = ring_slot(affinity, seed, ring_size, src, sport, dst, dport, l4proto)
+    assert slot == nft_jhash(key, ring_size, seed)
+
+
+@given(st.lists(st.integers(0, MASK), max_size=16), st.integers(0, MASK))
+def test_jhash_words_is_jhash_of_their_bytes(words: list[int], seed: int) -> None:
+    data = struct.pack(f"<{len(words)}I", *words)
+    assert jhash_words(words, len(data), seed) == kernel_jhash_transcribed(data, seed)
 
 
 def service(name: str, seed: int | None = None) -> Service:

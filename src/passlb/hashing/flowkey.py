@@ -13,8 +13,9 @@ flow lands on; changing them moves every flow of every service.
 from __future__ import annotations
 
 import hashlib
+import struct
 
-from passlb.hashing.jhash import nft_jhash
+from passlb.hashing.jhash import jhash_words, reciprocal_scale
 from passlb.model import Affinity, IPAddress, Service
 
 # IP protocol numbers (IANA), as ``meta l4proto`` yields them.
@@ -75,8 +76,31 @@ def ring_slot(
     l4proto: int,
 ) -> int:
     """The ring slot nft picks for a new flow: ``jhash ... mod ring_size seed seed``."""
-    key = hash_key_bytes(affinity, src_ip, src_port, dst_ip, dst_port, l4proto)
-    return nft_jhash(key, ring_size, seed)
+    words = hash_key_words(affinity, src_ip, src_port, dst_ip, dst_port, l4proto)
+    return reciprocal_scale(jhash_words(words, 4 * len(words), seed), ring_size)
+
+
+def hash_key_words(
+    affinity: Affinity,
+    src_ip: IPAddress,
+    src_port: int,
+    dst_ip: IPAddress,
+    dst_port: int,
+    l4proto: int,
+) -> tuple[int, ...]:
+    """``hash_key_bytes`` as the little-endian 32-bit words jhash reads, built from the
+    values without the bytes: the proxy hashes every new connection (tests pin the two equal)."""
+    if src_ip.version != dst_ip.version:
+        raise ValueError(f"flow mixes IPv{src_ip.version} and IPv{dst_ip.version} addresses")
+    saddr = _ip_words(src_ip)
+    if affinity is Affinity.CLIENT_IP:
+        return saddr
+    if affinity is Affinity.CLIENT_IP_PROTO:
+        return (*saddr, l4proto)
+    # A port is its two bytes in network order, then two zero bytes: read little endian.
+    sport = (src_port >> 8) | (src_port & 0xFF) << 8
+    dport = (dst_port >> 8) | (dst_port & 0xFF) << 8
+    return (*saddr, sport, *_ip_words(dst_ip), dport, l4proto)
 
 
 def service_seed(service: Service) -> int:
@@ -97,6 +121,12 @@ def _ip_keyword(family: int) -> str:
     if family == 6:
         return "ip6"
     raise ValueError(f"family must be the IP version 4 or 6, not {family}")
+
+
+def _ip_words(ip: IPAddress) -> tuple[int, ...]:
+    if ip.version == 4:
+        return (int.from_bytes(ip.packed, "little"),)
+    return struct.unpack("<4I", ip.packed)
 
 
 def _pad32(value: bytes) -> bytes:

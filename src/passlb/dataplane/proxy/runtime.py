@@ -118,7 +118,9 @@ class ServiceRuntime:
 
     def flow_opened(self, flow: FlowHandle, backend_key: str) -> BackendStats:
         """Count a new flow; its backend's stats, for the flow to count its transfers."""
-        stats = self.stats.setdefault(backend_key, BackendStats())
+        stats = self.stats.get(backend_key)
+        if stats is None:  # not setdefault: no throw-away BackendStats per flow
+            stats = self.stats[backend_key] = BackendStats()
         stats.new_flows += 1
         stats.active += 1
         return stats
