@@ -112,10 +112,7 @@ class ProxyDriver:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError as e:
-                raise DataplaneError("the proxy driver runs inside an asyncio event loop") from e
+            self._loop = running_loop()
         return self._loop
 
     # ------------------------------------------------------------ sync
@@ -258,6 +255,14 @@ class ProxyDriver:
     def _all_runtimes(self) -> Iterator[ServiceRuntime]:
         yield from self._runtimes.values()
         yield from self._retired
+
+
+def running_loop() -> asyncio.AbstractEventLoop:
+    """The loop a proxy driver lives on: the one running its first call."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError as e:
+        raise DataplaneError("the proxy driver runs inside an asyncio event loop") from e
 
 
 def _on_port(port: int) -> _FlowFilter:

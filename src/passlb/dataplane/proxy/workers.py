@@ -46,6 +46,7 @@ from passlb.dataplane.proxy.driver import (
     ListenerKey,
     bind_listener,
     listen_error,
+    running_loop,
     wanted_listeners,
 )
 from passlb.dataplane.proxy.shares import desired_for_worker
@@ -120,10 +121,7 @@ class WorkerPool:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError as e:
-                raise DataplaneError("the proxy driver runs inside an asyncio event loop") from e
+            self._loop = running_loop()
         return self._loop
 
     def worker_pids(self) -> list[int]:
