@@ -29,6 +29,7 @@ EXIT_CONFIG = 3
 EXIT_API = 4
 
 DEFAULT_API = "127.0.0.1:9180"
+CLI_API_TIMEOUT = 30.0  # seconds
 
 EPILOG = """\
 examples:
@@ -127,7 +128,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _api_client(args: argparse.Namespace) -> ApiClient:
     from passlb.api.client import ApiClient
 
-    return ApiClient(args.api, token=args.token)
+    # Status counts the kernel's flow tables when asked: 0.5 s per 100,000
+    # dsr flow entries, so a full million-entry table needs more than the
+    # client's default 5 s.
+    return ApiClient(args.api, token=args.token, timeout=CLI_API_TIMEOUT)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

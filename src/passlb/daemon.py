@@ -210,9 +210,9 @@ class Daemon:
             found.extend(driver.flows(service, backend))
         return found
 
-    def metrics(self) -> str:
+    async def metrics(self) -> str:
         return render_metrics(
-            self.status(), self.telemetry.apply_duration, self.telemetry.ring_build
+            await self.status(), self.telemetry.apply_duration, self.telemetry.ring_build
         )
 
     async def reload(self) -> tuple[bool, list[str]]:
@@ -258,10 +258,11 @@ class Daemon:
         )
         return True, []
 
-    def status(self) -> dict[str, Any]:
-        from passlb.api.views import status_document
+    async def status(self) -> dict[str, Any]:
+        from passlb.api.views import gather_counters, status_document
 
-        return status_document(self)
+        counters, errors = await gather_counters(self)
+        return status_document(self, counters, errors)
 
     # -- running --------------------------------------------------------------
 
@@ -280,7 +281,7 @@ class Daemon:
         last_errors: list[str] = []
         while True:
             started = time.monotonic()
-            counters, errors = read_counters(self, active_flows=False)
+            counters, errors = read_counters(self)
             cost = time.monotonic() - started
             if errors != last_errors:  # once per new problem, not every second
                 for error in errors:

@@ -35,7 +35,7 @@ class FakeControl:
         self.reload_result: tuple[bool, list[str]] = (True, [])
         self.flow_queries: list[tuple[str | None, str | None]] = []
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         return {
             "services": [
                 {"name": "web", "backends": [_backend(BACKEND), _backend("198.18.2.12")]},
@@ -68,7 +68,7 @@ class FakeControl:
             for n in range(5)
         ]
 
-    def metrics(self) -> str:
+    async def metrics(self) -> str:
         return "passlb_build_info 1\n"
 
     def update_backend(

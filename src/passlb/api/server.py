@@ -39,13 +39,13 @@ class Control(Protocol):
     and changes nothing when it raises.
     """
 
-    def status(self) -> dict[str, Any]: ...
+    async def status(self) -> dict[str, Any]: ...
 
     def events(self, since: int) -> list[dict[str, Any]]: ...
 
     def flows(self, service: str | None, backend: str | None) -> list[Flow]: ...
 
-    def metrics(self) -> str: ...
+    async def metrics(self) -> str: ...
 
     def update_backend(
         self, service: str, backend: str, *, state: AdminState | None, weight: int | None
@@ -162,24 +162,26 @@ def build_app(control: Control, token: str | None = None) -> web.Application:
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(
-            body=control.metrics().encode(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+            body=(await control.metrics()).encode(), headers={"Content-Type": METRICS_CONTENT_TYPE}
         )
 
     async def status(request: web.Request) -> web.Response:
         _query(request, ())
-        return web.json_response(control.status())
+        return web.json_response(await control.status())
 
     async def services(request: web.Request) -> web.Response:
         _query(request, ())
-        return web.json_response({"services": control.status()["services"]})
+        return web.json_response({"services": (await control.status())["services"]})
 
     async def service(request: web.Request) -> web.Response:
         _query(request, ())
-        return web.json_response(_find_service(control.status(), request.match_info["service"]))
+        return web.json_response(
+            _find_service(await control.status(), request.match_info["service"])
+        )
 
     async def backend(request: web.Request) -> web.Response:
         _query(request, ())
-        svc = _find_service(control.status(), request.match_info["service"])
+        svc = _find_service(await control.status(), request.match_info["service"])
         key = request.match_info["backend"]
         for b in svc["backends"]:
             if b["key"] == key:

@@ -6,6 +6,7 @@ One document feeds `passlb status`, `passlb top`, the web status page and
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -13,16 +14,18 @@ from passlb import __version__
 from passlb.control.desired import diff_desired
 from passlb.dataplane.base import BackendCounters, Flow, ServiceCounters
 from passlb.errors import PasslbError
+from passlb.model import Mode
 
 if TYPE_CHECKING:
     from passlb.daemon import Daemon
 
 
-def status_document(daemon: Daemon) -> dict[str, Any]:
-    """Everything `passlb status` shows, as JSON-ready data."""
+def status_document(
+    daemon: Daemon, counters: dict[str, ServiceCounters], errors: list[str]
+) -> dict[str, Any]:
+    """Everything `passlb status` shows, as JSON-ready data (counters from gather_counters)."""
     rec = daemon.reconciler
     now = rec.clock()
-    counters, errors = read_counters(daemon)
     records = daemon.checker.records()
     desired = rec.desired
     services = []
@@ -104,15 +107,35 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
     }
 
 
-def read_counters(
-    daemon: Daemon, *, active_flows: bool = True
-) -> tuple[dict[str, ServiceCounters], list[str]]:
-    """Every driver's counters, and the drivers that could not be read."""
+def read_counters(daemon: Daemon) -> tuple[dict[str, ServiceCounters], list[str]]:
+    """Every driver's counters without active flows (what rates need; cheap, so
+    on the event loop), and the drivers that could not be read."""
     counters: dict[str, ServiceCounters] = {}
     errors: list[str] = []
     for mode, driver in daemon.drivers.items():
         try:
-            counters.update(driver.counters(active_flows=active_flows))
+            counters.update(driver.counters(active_flows=False))
+        except PasslbError as err:
+            errors.append(f"{mode}: {err}")
+    return counters, errors
+
+
+# Their counters() may run in a worker thread: kernel reads over their own
+# netlink sockets. Counting active flows walks every flow-table or conntrack
+# entry (0.5 s per 100,000 dsr flows), which must not stop the event loop.
+READ_OFF_LOOP = frozenset({Mode.DSR, Mode.NAT})
+
+
+async def gather_counters(daemon: Daemon) -> tuple[dict[str, ServiceCounters], list[str]]:
+    """read_counters with active flows, the kernel drivers' read off the event loop."""
+    counters: dict[str, ServiceCounters] = {}
+    errors: list[str] = []
+    for mode, driver in list(daemon.drivers.items()):
+        try:
+            if mode in READ_OFF_LOOP:
+                counters.update(await asyncio.to_thread(driver.counters))
+            else:
+                counters.update(driver.counters())
         except PasslbError as err:
             errors.append(f"{mode}: {err}")
     return counters, errors

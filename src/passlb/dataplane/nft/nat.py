@@ -455,8 +455,8 @@ class NatDriver:
 
     def _active_by_mark(self) -> dict[int, int]:
         """Conntrack entries per backend id, of flows to a VIP this driver serves.
-        Counted, not listed: the daemon asks every second, and a connection-rate
-        burst leaves tens of thousands of TIME_WAIT entries behind."""
+        Counted, not listed: a connection-rate burst leaves tens of thousands of
+        TIME_WAIT entries behind."""
         vips = {sd.service.vip for sd in self._known_services()}
         marks = set(self._ids.ids.values())
         counts: dict[int, int] = {}

@@ -66,6 +66,9 @@ class NftRunner:
         except OSError as e:
             raise DataplaneError(f"cannot open nftables in netns {netns!r}: {e}") from e
         self._lock = threading.Lock()  # one libnftables context is not thread-safe
+        # Its own lock: the daemon reads counters in a worker thread (a flow
+        # count can take seconds) while syncs write through libnftables.
+        self._netlink_lock = threading.Lock()
 
     # -- writes ---------------------------------------------------------------
 
@@ -136,16 +139,16 @@ class NftRunner:
 
     def read_counters(self, table: Table) -> dict[str, CounterValue]:
         # Over nfnetlink, not `list counters`: see netlink.py for why.
-        with self._lock:
+        with self._netlink_lock:
             return self._netlink.counters(table.family, table.name)
 
     def count_marks(self, table: Table, map_name: str) -> dict[int, int]:
         """How many elements of a map hold each mark value (e.g. flows per backend id)."""
-        with self._lock:
+        with self._netlink_lock:
             return dict(self._netlink.mark_values(table.family, table.name, map_name))
 
     def _table_exists(self, table: Table) -> bool:
-        with self._lock:  # netlink: `list tables` would fill the whole cache too
+        with self._netlink_lock:  # netlink: `list tables` would fill the whole cache too
             return table.name in self._netlink.table_names(table.family)
 
 
