@@ -128,9 +128,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _api_client(args: argparse.Namespace) -> ApiClient:
     from passlb.api.client import ApiClient
 
-    # Status counts the kernel's flow tables when asked: 0.5 s per 100,000
-    # dsr flow entries, so a full million-entry table needs more than the
-    # client's default 5 s.
+    # Status counts the kernel's flow tables when asked: over 1 s per 100,000
+    # dsr flow entries in a running daemon, far more than the client's
+    # default 5 s for a full million-entry table.
     return ApiClient(args.api, token=args.token, timeout=CLI_API_TIMEOUT)
 
 

@@ -60,15 +60,17 @@ class NftRunner:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         try:
-            self._nft, self._netlink = in_netns(
-                netns or None, lambda: (nftables.Nftables(), NetlinkReader())
+            self._nft, self._netlink, self._walker = in_netns(
+                netns or None, lambda: (nftables.Nftables(), NetlinkReader(), NetlinkReader())
             )
         except OSError as e:
             raise DataplaneError(f"cannot open nftables in netns {netns!r}: {e}") from e
         self._lock = threading.Lock()  # one libnftables context is not thread-safe
-        # Its own lock: the daemon reads counters in a worker thread (a flow
-        # count can take seconds) while syncs write through libnftables.
+        # Netlink reads have their own sockets and locks: a flow-table walk
+        # (count_marks, seconds on a big table, in a worker thread) must not
+        # hold up a counter read or a sync on the event loop.
         self._netlink_lock = threading.Lock()
+        self._walker_lock = threading.Lock()
 
     # -- writes ---------------------------------------------------------------
 
@@ -144,8 +146,8 @@ class NftRunner:
 
     def count_marks(self, table: Table, map_name: str) -> dict[int, int]:
         """How many elements of a map hold each mark value (e.g. flows per backend id)."""
-        with self._netlink_lock:
-            return dict(self._netlink.mark_values(table.family, table.name, map_name))
+        with self._walker_lock:
+            return dict(self._walker.mark_values(table.family, table.name, map_name))
 
     def _table_exists(self, table: Table) -> bool:
         with self._netlink_lock:  # netlink: `list tables` would fill the whole cache too
