@@ -94,11 +94,22 @@ def test_dead_backend_leaves_the_ring_in_time_and_returns(
     # Only flows the ring gave the victim fail, and only until it left the ring.
     failed = [f for f in flows if "error" in f]
     assert failed, "the stream should have hit the dead backend before detection"
-    outside = [f for f in failed if not (killed_at <= f["finished"] and f["started"] <= down_at)]
+    in_window = [f for f in failed if killed_at <= f["finished"] and f["started"] <= down_at]
+    # Except, in dsr, a reused 5-tuple: a new connection from a source port
+    # whose refused connection left a flow entry follows that entry (the
+    # documented limit, docs/dataplane-dsr.md); the client reuses the port at
+    # once, as a refused connect leaves no TIME_WAIT behind.
+    stale_ports = {f["sport"] for f in in_window} if mode == "dsr" else set()
+    stale = [f for f in failed if f not in in_window and f["sport"] in stale_ports]
+    outside = [f for f in failed if f not in in_window and f not in stale]
     assert not outside, _relative(outside, killed_at, down_at)
     assert {_ring_choice(config_file, lab, f) for f in failed} == {victim.ipv4}
 
-    gone = [f for f in flows if down_at < f["started"] and f["finished"] < restarted_at]
+    gone = [
+        f
+        for f in flows
+        if down_at < f["started"] and f["finished"] < restarted_at and f not in stale
+    ]
     assert len(gone) > 20 and {f.get("backend") for f in gone} == {"b1", "b3"}
     back = [f for f in flows if f["started"] > back_at]
     assert "b2" in {f.get("backend") for f in back}
