@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -123,9 +123,10 @@ def test_tcp_up_then_refused_when_the_listener_closes() -> None:
     run(scenario)
 
 
-def test_tcp_times_out_while_the_handshake_hangs() -> None:
-    # A full accept queue drops the probe's SYN: the connect stays pending,
-    # so the probe waits for the socket and the timeout has to end it.
+@contextmanager
+def hanging_handshake() -> Iterator[int]:
+    """A loopback port whose full accept queue drops new SYNs: a connect to
+    it stays pending, so a probe has to wait for the socket or time out."""
     import socket
 
     with socket.socket() as listener:
@@ -137,10 +138,15 @@ def test_tcp_times_out_while_the_handshake_hangs() -> None:
             for filler in fillers:
                 filler.setblocking(False)
                 filler.connect_ex(("127.0.0.1", port))
-            result = check(HealthSpec(type=HealthType.TCP, timeout=0.2), port)
+            yield port
         finally:
             for filler in fillers:
                 filler.close()
+
+
+def test_tcp_times_out_while_the_handshake_hangs() -> None:
+    with hanging_handshake() as port:
+        result = check(HealthSpec(type=HealthType.TCP, timeout=0.2), port)
     assert not result.ok and result.reason == "timeout after 0.2s"
 
 
@@ -177,24 +183,11 @@ def test_tcp_verdict_of_a_near_peer_comes_without_awaiting() -> None:
 
 
 def test_tcp_pending_handshake_is_handed_back_to_await() -> None:
-    import socket
-
     async def scenario() -> None:
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(0)
-            port = listener.getsockname()[1]
-            fillers = [socket.socket() for _ in range(3)]
-            try:
-                for filler in fillers:
-                    filler.setblocking(False)
-                    filler.connect_ex(("127.0.0.1", port))
-                outcome = start_probe(HealthSpec(type=HealthType.TCP, timeout=0.2), LOOPBACK, port)
-                assert not isinstance(outcome, ProbeResult)
-                result = await outcome
-            finally:
-                for filler in fillers:
-                    filler.close()
+        with hanging_handshake() as port:
+            outcome = start_probe(HealthSpec(type=HealthType.TCP, timeout=0.2), LOOPBACK, port)
+            assert not isinstance(outcome, ProbeResult)
+            result = await outcome
         assert not result.ok and result.reason == "timeout after 0.2s"
         assert 0.2 <= result.latency < 1.0
 

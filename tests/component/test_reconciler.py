@@ -6,7 +6,8 @@ import asyncio
 import dataclasses
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from ipaddress import ip_address
 
 import pytest
@@ -86,6 +87,18 @@ def make(
     rec = Reconciler(config, drivers, clock=clock, coalesce_delay=0.0, retry_delay=0.0)
     rec.replace_health(assume_all_healthy(config))
     return rec, drivers, clock
+
+
+@asynccontextmanager
+async def running(rec: Reconciler) -> AsyncIterator[None]:
+    """rec.run() as a task for the block; cancelled (and awaited) at its end."""
+    task = asyncio.create_task(rec.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 def roles(state: DesiredState, name: str) -> dict[str, BackendRole]:
@@ -182,14 +195,11 @@ def test_new_config_forgets_overrides_of_removed_backends() -> None:
 async def test_run_coalesces_a_burst_into_few_applies() -> None:
     rec, drivers, _ = make(service("web", Mode.DSR, *(f"198.18.2.{i}" for i in range(11, 21))))
     rec.coalesce_delay = 0.05
-    task = asyncio.create_task(rec.run())
-    await asyncio.sleep(0.1)  # the start-up apply
-    for i in range(11, 21):
-        rec.set_health("web", f"198.18.2.{i}", HealthStatus(healthy=i % 2 == 0))
-    await asyncio.sleep(0.2)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with running(rec):
+        await asyncio.sleep(0.1)  # the start-up apply
+        for i in range(11, 21):
+            rec.set_health("web", f"198.18.2.{i}", HealthStatus(healthy=i % 2 == 0))
+        await asyncio.sleep(0.2)
     syncs = drivers[Mode.DSR].syncs
     assert len(syncs) == 2  # start-up + one for the whole burst
     assert sum(r is BackendRole.ACTIVE for r in roles(syncs[-1][0], "web").values()) == 5
@@ -198,11 +208,8 @@ async def test_run_coalesces_a_burst_into_few_applies() -> None:
 async def test_run_retries_after_a_failure() -> None:
     rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11"))
     drivers[Mode.DSR].fail_next = 2
-    task = asyncio.create_task(rec.run())
-    await asyncio.sleep(0.2)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with running(rec):
+        await asyncio.sleep(0.2)
     assert rec.stats.apply_failures == 2
     assert drivers[Mode.DSR].syncs and drivers[Mode.DSR].syncs[0][1] is True
 
@@ -265,15 +272,10 @@ async def test_run_applies_what_it_computed_off_loop() -> None:
     rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12"))
     off_loop = GatedOffLoop()
     rec.off_loop = off_loop
-    task = asyncio.create_task(rec.run())
-    try:
+    async with running(rec):
         await asyncio.sleep(0.1)
         rec.set_health("web", "198.18.2.12", HealthStatus(healthy=False))
         await asyncio.sleep(0.1)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
     syncs = drivers[Mode.DSR].syncs
     assert [desired for desired, _ in syncs] == off_loop.results
     assert roles(syncs[-1][0], "web")["198.18.2.12"] is BackendRole.DOWN
@@ -286,8 +288,7 @@ async def test_an_announced_change_has_its_ring_built_before_it_happens() -> Non
     rec, _, _ = make(web)
     off_loop = GatedOffLoop()
     rec.off_loop = off_loop
-    task = asyncio.create_task(rec.run())
-    try:
+    async with running(rec):
         await asyncio.sleep(0.1)
         computed = len(off_loop.results)
         # Already healthy: nothing to prepare.
@@ -302,10 +303,6 @@ async def test_an_announced_change_has_its_ring_built_before_it_happens() -> Non
         )  # prepared, not applied
         rec.set_health("web", "198.18.2.12", HealthStatus(healthy=False))
         await asyncio.sleep(0.05)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
     assert rec.applied is not None
     assert roles(rec.applied, "web")["198.18.2.12"] is BackendRole.DOWN
     applied, ahead = rec.applied.service("web"), prepared.service("web")
