@@ -20,7 +20,7 @@ import resource
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from passlb.control.desired import DesiredState, compute_desired, update_drain_starts
+from passlb.control.desired import compute_desired, update_drain_starts
 from passlb.control.reconciler import assume_all_healthy
 from passlb.dataplane.nft.dsr import DsrDriver
 from passlb.dataplane.nft.runner import NftRunner
@@ -37,6 +37,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import DesiredState
 
 FIRST_PORT = 10000
 BENCH_TABLE = "passlb_bench"

@@ -30,7 +30,6 @@ from passlb.api.server import build_app, start_api
 from passlb.api.telemetry import Telemetry
 from passlb.api.views import read_counters
 from passlb.config import load_config
-from passlb.control.desired import HealthStatus
 from passlb.control.reconciler import ApplyRecord, Reconciler, assume_all_healthy
 from passlb.dataplane.base import Driver, Flow
 from passlb.dataplane.proxy import new_event_loop
@@ -38,6 +37,7 @@ from passlb.errors import ConfigError, DataplaneError
 from passlb.health.scheduler import HealthChecker, plan_checks
 from passlb.logs import log_event, setup_logging
 from passlb.model import AdminState, Config, Mode
+from passlb.state import HealthStatus
 
 log = logging.getLogger("passlb.daemon")
 

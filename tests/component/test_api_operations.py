@@ -20,7 +20,6 @@ from passlb.api.metrics import ALL_METRICS
 from passlb.cli import build_parser
 from passlb.completion import bash_completion, zsh_completion
 from passlb.config import parse_config
-from passlb.control.desired import BackendRole, DesiredState
 from passlb.control.reconciler import ApplyRecord, Reconciler
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.errors import ConfigError
@@ -37,6 +36,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import BackendRole, DesiredState
 
 ROOT = Path(__file__).resolve().parents[2]
 

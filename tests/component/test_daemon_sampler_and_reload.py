@@ -9,10 +9,10 @@ from pathlib import Path
 
 from passlb.api.views import format_status
 from passlb.config import parse_config
-from passlb.control.desired import DesiredState
 from passlb.daemon import Daemon
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.model import Mode
+from passlb.state import DesiredState
 
 CONFIG = """
 [[services]]

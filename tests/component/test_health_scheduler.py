@@ -11,7 +11,6 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from passlb.control.desired import HealthStatus
 from passlb.errors import ConfigError
 from passlb.health.policy import HealthState, ProbeResult
 from passlb.health.scheduler import HealthChecker, first_probe_delay
@@ -28,6 +27,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import HealthStatus
 
 VIP = IPv4Address("198.18.0.10")
 B1, B2, B3 = (IPv4Address(f"198.18.1.{i}") for i in (11, 12, 13))

@@ -18,7 +18,6 @@ from typing import Any, ParamSpec, cast
 import pytest
 import trustme
 
-from passlb.control.desired import BackendRole, DesiredState
 from passlb.dataplane.proxy import ProxyDriver, new_event_loop, tcp
 from passlb.dataplane.proxy.proxy_protocol import (
     ProxyHeader,
@@ -49,6 +48,7 @@ from passlb.model import (
     SniFallback,
     SniRoute,
 )
+from passlb.state import BackendRole, DesiredState
 
 P = ParamSpec("P")
 LOCALHOST = "127.0.0.1"

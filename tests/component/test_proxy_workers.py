@@ -20,7 +20,6 @@ from typing import Any, ParamSpec
 
 import pytest
 
-from passlb.control.desired import DesiredState
 from passlb.dataplane.base import BackendCounters
 from passlb.dataplane.proxy import channel
 from passlb.dataplane.proxy.driver import ListenerKey
@@ -28,6 +27,7 @@ from passlb.dataplane.proxy.testing import desired, desired_for, proxy_service, 
 from passlb.dataplane.proxy.workers import WorkerPool
 from passlb.errors import DataplaneError
 from passlb.model import Backend, Protocol
+from passlb.state import DesiredState
 
 P = ParamSpec("P")
 LOCALHOST = "127.0.0.1"

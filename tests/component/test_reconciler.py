@@ -12,7 +12,6 @@ from ipaddress import ip_address
 
 import pytest
 
-from passlb.control.desired import BackendRole, DesiredState, HealthStatus
 from passlb.control.reconciler import Reconciler, assume_all_healthy, in_thread, next_wakeup
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.errors import DataplaneError
@@ -28,6 +27,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import BackendRole, DesiredState, HealthStatus
 
 
 class RecordingDriver:

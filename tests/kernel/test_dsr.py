@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from passlb.control.desired import DesiredState
 from passlb.control.explain import explain_flow
 from passlb.dataplane.backend_setup import apply_backend_setup
 from passlb.dataplane.nft.dsr import DsrDriver
@@ -28,6 +27,7 @@ from passlb.dataplane.nft.testing import desired, ports, service
 from passlb.lab import Lab, LabSpec
 from passlb.lab.client import tcp_requests, tcp_stream, tls_requests, udp_requests, udp_stream
 from passlb.model import AdminState, Backend, PortSet, Protocol, Service
+from passlb.state import DesiredState
 
 pytestmark = pytest.mark.kernel
 

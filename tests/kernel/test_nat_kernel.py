@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from passlb.control.desired import DesiredState, compute_desired
+from passlb.control.desired import compute_desired
 from passlb.dataplane.nft.conntrack import CtFilter, NetlinkConntrack
 from passlb.dataplane.nft.nat import NatDriver
 from passlb.dataplane.nft.runner import NftRunner
@@ -39,6 +39,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import DesiredState
 
 pytestmark = pytest.mark.kernel
 

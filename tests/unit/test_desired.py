@@ -8,16 +8,7 @@ from typing import Any
 
 import pytest
 
-from passlb.control.desired import (
-    BackendRole,
-    DesiredState,
-    HealthStatus,
-    ServiceDesired,
-    StateDiff,
-    compute_desired,
-    diff_desired,
-    update_drain_starts,
-)
+from passlb.control.desired import StateDiff, compute_desired, diff_desired, update_drain_starts
 from passlb.hashing.flowkey import service_seed
 from passlb.model import (
     AdminState,
@@ -34,6 +25,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import BackendRole, DesiredState, HealthStatus, ServiceDesired
 
 RING_SIZE = 1009  # prime, >= 100 x the backends used here: small rings keep tests fast
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from passlb.control.desired import DesiredState, HealthStatus, compute_desired
+from passlb.control.desired import compute_desired
 from passlb.control.explain import explain_flow
 from passlb.hashing.flowkey import ring_slot
 from passlb.model import (
@@ -23,6 +23,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import DesiredState, HealthStatus
 
 VIP = IPv4Address("198.18.0.10")
 CLIENT = IPv4Address("198.18.1.7")

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from passlb.control.desired import HealthStatus
 from passlb.health.policy import (
     HealthState,
     HealthTracker,
@@ -16,6 +15,7 @@ from passlb.health.policy import (
     WeightChange,
     parse_reported_weight,
 )
+from passlb.state import HealthStatus
 
 UP, DOWN, UNKNOWN = HealthState.UP, HealthState.DOWN, HealthState.UNKNOWN
 

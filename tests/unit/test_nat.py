@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import pytest
 
-from passlb.control.desired import DesiredState, HealthStatus, ServiceDesired, compute_desired
+from passlb.control.desired import compute_desired
 from passlb.control.explain import explain_flow
 from passlb.dataplane.nft.conntrack import CtEntry, CtFilter, FakeConntrack
 from passlb.dataplane.nft.fake import FakeNft
@@ -34,6 +34,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import DesiredState, HealthStatus, ServiceDesired
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 B = ["198.18.2.11", "198.18.2.12", "198.18.2.13"]

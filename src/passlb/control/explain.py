@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from ipaddress import ip_address
 
-from passlb.control.desired import BackendDesired, DesiredState, ServiceDesired
 from passlb.hashing.flowkey import L4PROTO, hash_fields, hash_key_bytes
 from passlb.hashing.jhash import jhash, reciprocal_scale
 from passlb.model import Balance, IPAddress, Mode
+from passlb.state import BackendDesired, DesiredState, ServiceDesired
 
 
 @dataclass(frozen=True)

@@ -29,19 +29,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from passlb.control.desired import (
-    BackendRole,
-    DesiredState,
-    DrainStarts,
-    HealthStatus,
-    HealthView,
-    compute_desired,
-    diff_desired,
-    update_drain_starts,
-)
+from passlb.control.desired import compute_desired, diff_desired, update_drain_starts
 from passlb.dataplane.base import Driver
 from passlb.errors import PasslbError
 from passlb.model import AdminState, Config, Mode
+from passlb.state import BackendRole, DesiredState, DrainStarts, HealthStatus, HealthView
 
 log = logging.getLogger("passlb.reconciler")
 

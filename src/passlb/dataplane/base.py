@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from passlb.control.desired import DesiredState
 from passlb.model import IPAddress
+from passlb.state import DesiredState
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from passlb.control.desired import HealthStatus
+from passlb.state import HealthStatus
 
 WEIGHT_HEADER = "X-Load-Balancing-Endpoint-Weight"
 MAX_REPORTED_WEIGHT = 1000

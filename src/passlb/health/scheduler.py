@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
-from passlb.control.desired import HealthStatus
 from passlb.errors import ConfigError, ConfigIssue
 from passlb.health.policy import (
     HealthEvent,
@@ -46,6 +45,7 @@ from passlb.health.probes import start_probe
 from passlb.health.target import health_path, health_spec, probe_target
 from passlb.logs import log_event
 from passlb.model import Config, HealthSpec, HealthType, IPAddress
+from passlb.state import HealthStatus
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from passlb.control.desired import ServiceDesired
 from passlb.dataplane.base import BackendCounters, ServiceCounters
 from passlb.dataplane.nft.names import ServiceNames
 from passlb.dataplane.nft.objects import CounterValue
+from passlb.state import ServiceDesired
 
 
 def service_counters(

@@ -38,7 +38,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from passlb.control.desired import BackendDesired, DesiredState, ServiceDesired
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.nft.counters import service_counters
 from passlb.dataplane.nft.names import ServiceNames, check_services, ident
@@ -55,6 +54,7 @@ from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import hash_fields
 from passlb.hashing.maglev import Ring
 from passlb.model import IPAddress, PortSet
+from passlb.state import BackendDesired, DesiredState, ServiceDesired
 
 DEFAULT_TABLE = "passlb"
 INGRESS_PRIORITY = -100  # before the default-priority (0) ingress filters of the host

@@ -6,8 +6,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from passlb.control.desired import DesiredState
 from passlb.errors import DataplaneError
+from passlb.state import DesiredState
 
 _SIMPLE_NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
 

@@ -33,7 +33,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from passlb.control.desired import BackendDesired, DesiredState, ServiceDesired
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.nft.conntrack import (
     ConntrackTable,
@@ -48,6 +47,7 @@ from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge, delete_t
 from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import hash_fields
 from passlb.model import PortSet
+from passlb.state import BackendDesired, DesiredState, ServiceDesired
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ipaddress import ip_address
 
-from passlb.control.desired import DesiredState, compute_desired
+from passlb.control.desired import compute_desired
 from passlb.model import (
     AdminState,
     Backend,
@@ -18,6 +18,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import DesiredState
 
 NO_CHECK = HealthSpec(type=HealthType.NONE)
 

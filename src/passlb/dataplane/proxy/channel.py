@@ -19,9 +19,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
-from passlb.control.desired import DesiredState
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.proxy.driver import ListenerKey
+from passlb.state import DesiredState
 
 _HEADER: Final = struct.Struct("!QI")  # body length, descriptors attached
 SCM_MAX_FD: Final = 253  # the kernel's limit of descriptors in one sendmsg

@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from passlb.control.desired import DesiredState, ServiceDesired
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.proxy.runtime import FlowHandle, ServiceRuntime, address_of
 from passlb.dataplane.proxy.tcp import TcpRelay, set_reset_on_close, set_transparent
 from passlb.dataplane.proxy.udp import UdpListener
 from passlb.errors import DataplaneError
 from passlb.model import IPAddress, Mode, ProxyOptions, ProxyProtocol, Service
+from passlb.state import DesiredState, ServiceDesired
 
 LISTEN_BACKLOG = 1024
 _FlowFilter = Callable[[FlowHandle], bool]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from passlb.control.desired import BackendDesired, BackendRole, ServiceDesired
 from passlb.model import DEFAULT_POOL, Balance
+from passlb.state import BackendDesired, BackendRole, ServiceDesired
 
 # backend key -> connections it holds now
 LoadOf = Callable[[str], int]

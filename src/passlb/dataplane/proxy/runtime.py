@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Protocol
 
-from passlb.control.desired import BackendDesired, ServiceDesired
 from passlb.dataplane.base import BackendCounters, Flow, ServiceCounters
 from passlb.dataplane.proxy.picker import BackendPicker
 from passlb.dataplane.proxy.sni import SniRouter
 from passlb.hashing.flowkey import L4PROTO, ring_slot
 from passlb.model import IPAddress, ProxyOptions, Service
+from passlb.state import BackendDesired, ServiceDesired
 
 
 class FlowHandle(Protocol):

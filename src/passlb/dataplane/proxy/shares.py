@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from passlb.control.desired import DesiredState, ServiceDesired
 from passlb.model import ProxyOptions
+from passlb.state import DesiredState, ServiceDesired
 
 
 def worker_share(limit: int, workers: int, index: int) -> int:

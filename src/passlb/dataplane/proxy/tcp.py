@@ -48,11 +48,11 @@ import socket
 import struct
 from typing import Final
 
-from passlb.control.desired import BackendDesired
 from passlb.dataplane.base import Flow
 from passlb.dataplane.proxy import proxy_protocol, sni
 from passlb.dataplane.proxy.runtime import BackendStats, ServiceRuntime
 from passlb.model import IPAddress, ProxyProtocol
+from passlb.state import BackendDesired
 
 try:
     import fcntl

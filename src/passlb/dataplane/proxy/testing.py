@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import ip_address
 
-from passlb.control.desired import BackendDesired, BackendRole, DesiredState, ServiceDesired
 from passlb.hashing.flowkey import service_seed
 from passlb.hashing.maglev import build_ring
 from passlb.model import (
@@ -25,6 +24,7 @@ from passlb.model import (
     ProxyOptions,
     Service,
 )
+from passlb.state import BackendDesired, BackendRole, DesiredState, ServiceDesired
 
 
 def client_hello(server_name: str | None, *, tls13: bool = True) -> bytes:

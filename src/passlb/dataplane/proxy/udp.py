@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from passlb.control.desired import BackendDesired
 from passlb.dataplane.base import Flow
 from passlb.dataplane.proxy import proxy_protocol
 from passlb.dataplane.proxy.runtime import ServiceRuntime, address_of
 from passlb.dataplane.proxy.tcp import set_transparent
 from passlb.model import IPAddress, ProxyProtocol
+from passlb.state import BackendDesired
 
 MAX_DATAGRAM = 65535
 _BATCH = 64  # datagrams read per wake-up, so one busy socket cannot starve the loop

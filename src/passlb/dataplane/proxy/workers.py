@@ -39,7 +39,6 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from passlb.control.desired import DesiredState
 from passlb.dataplane.base import ApplyResult, BackendCounters, Flow, ServiceCounters
 from passlb.dataplane.proxy import channel
 from passlb.dataplane.proxy.driver import (
@@ -52,6 +51,7 @@ from passlb.dataplane.proxy.driver import (
 from passlb.dataplane.proxy.shares import desired_for_worker
 from passlb.errors import DataplaneError
 from passlb.model import LogFormat, Service
+from passlb.state import DesiredState
 
 log = logging.getLogger("passlb.proxy.workers")
 
