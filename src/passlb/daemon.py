@@ -28,7 +28,7 @@ from typing import Any
 from passlb.api.metrics import render_metrics
 from passlb.api.server import build_app, start_api
 from passlb.api.telemetry import Telemetry
-from passlb.api.views import read_counters
+from passlb.api.views import StatusSnapshot, gather_counters, read_counters, status_document
 from passlb.config import load_config
 from passlb.control.reconciler import ApplyRecord, Reconciler, assume_all_healthy
 from passlb.dataplane.base import Driver, Flow
@@ -258,11 +258,32 @@ class Daemon:
         )
         return True, []
 
-    async def status(self) -> dict[str, Any]:
-        from passlb.api.views import gather_counters, status_document
+    def snapshot(self) -> StatusSnapshot:
+        rec = self.reconciler
+        return StatusSnapshot(
+            at=time.time(),
+            started=self.started,
+            config_path=str(self.config_path),
+            interfaces=self.interfaces,
+            config=rec.config,
+            effective=rec.effective_config(),
+            desired=rec.desired,
+            applied=rec.applied,
+            now=rec.clock(),
+            applies=rec.stats.applies,
+            apply_failures=rec.stats.apply_failures,
+            last_apply=rec.stats.last_apply,
+            health=self.checker.records(),
+            rates=self.telemetry.rates.all(),
+            reloads=self.telemetry.reloads,
+            reload_failures=self.telemetry.reload_failures,
+            last_reload=dict(self.last_reload),
+            last_event=self.telemetry.events.last_seq,
+        )
 
-        counters, errors = await gather_counters(self)
-        return status_document(self, counters, errors)
+    async def status(self) -> dict[str, Any]:
+        counters, errors = await gather_counters(self.drivers)
+        return status_document(self.snapshot(), counters, errors)
 
     # -- running --------------------------------------------------------------
 
@@ -281,7 +302,7 @@ class Daemon:
         last_errors: list[str] = []
         while True:
             started = time.monotonic()
-            counters, errors = read_counters(self)
+            counters, errors = read_counters(self.drivers)
             cost = time.monotonic() - started
             if errors != last_errors:  # once per new problem, not every second
                 for error in errors:

@@ -85,6 +85,10 @@ class RateTracker:
     def rates(self, service: str, backend: str) -> Rates:
         return self._rates.get((service, backend), Rates())
 
+    def all(self) -> dict[tuple[str, str], Rates]:
+        """Every backend's rates, by (service, backend key)."""
+        return dict(self._rates)
+
 
 def _rates(before: BackendCounters, after: BackendCounters, elapsed: float) -> Rates:
     def per_second(old: int, new: int) -> float:

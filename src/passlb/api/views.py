@@ -1,44 +1,69 @@
 """The status document (served by the API) and its terminal renderings.
 
 One document feeds `passlb status`, `passlb top`, the web status page and
-/metrics, so they never disagree.
+/metrics, so they never disagree. It is rendered from a StatusSnapshot, a
+plain value the daemon takes on its event loop: nothing here sees the
+daemon itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from passlb import __version__
-from passlb.control.desired import diff_desired
-from passlb.dataplane.base import BackendCounters, Flow, ServiceCounters
+from passlb.api.telemetry import Rates
+from passlb.control.desired import DesiredState, diff_desired
+from passlb.control.reconciler import ApplyRecord
+from passlb.dataplane.base import BackendCounters, Driver, Flow, ServiceCounters
 from passlb.errors import PasslbError
-from passlb.model import Mode
+from passlb.health.policy import HealthRecord
+from passlb.model import Config, Mode
 
-if TYPE_CHECKING:
-    from passlb.daemon import Daemon
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """What the status document shows, taken from the daemon in one go."""
+
+    at: float  # wall clock when taken
+    started: float  # wall clock when the daemon started
+    config_path: str
+    interfaces: tuple[str, ...]
+    config: Config  # as read from the file
+    effective: Config  # with the runtime admin states and weights
+    desired: DesiredState | None
+    applied: DesiredState | None
+    now: float  # the reconciler's clock, which drain deadlines are on
+    applies: int
+    apply_failures: int
+    last_apply: ApplyRecord | None
+    health: Mapping[tuple[str, str], HealthRecord]
+    rates: Mapping[tuple[str, str], Rates]
+    reloads: int
+    reload_failures: int
+    last_reload: Mapping[str, Any]
+    last_event: int
 
 
 def status_document(
-    daemon: Daemon, counters: dict[str, ServiceCounters], errors: list[str]
+    snap: StatusSnapshot, counters: dict[str, ServiceCounters], errors: list[str]
 ) -> dict[str, Any]:
     """Everything `passlb status` shows, as JSON-ready data (counters from gather_counters)."""
-    rec = daemon.reconciler
-    now = rec.clock()
-    records = daemon.checker.records()
-    desired = rec.desired
+    desired = snap.desired
     services = []
-    for svc in rec.effective_config().services:
+    for svc in snap.effective.services:
         sd = desired.service(svc.name) if desired else None
-        from_file = rec.config.service(svc.name)
+        from_file = snap.config.service(svc.name)
         svc_counters = counters.get(svc.name, ServiceCounters())
         backends = []
         for b in svc.backends:
             bd = sd.backend(b.key) if sd else None
             c = svc_counters.backends.get(b.key, BackendCounters())
-            record = records.get((svc.name, b.key))
-            rates = daemon.telemetry.rates.rates(svc.name, b.key)
+            record = snap.health.get((svc.name, b.key))
+            rates = snap.rates.get((svc.name, b.key), Rates())
             configured = from_file.backend(b.key) if from_file else None
             deadline = bd.drain_deadline if bd else None
             backends.append(
@@ -55,7 +80,9 @@ def status_document(
                     "weight": b.weight,
                     "config_weight": configured.weight if configured else b.weight,
                     "ring_weight": bd.weight if bd else 0,
-                    "drain_deadline_in": None if deadline is None else max(0.0, deadline - now),
+                    "drain_deadline_in": None
+                    if deadline is None
+                    else max(0.0, deadline - snap.now),
                     "packets": c.packets,
                     "bytes": c.bytes,
                     "new_flows": c.new_flows,
@@ -80,15 +107,15 @@ def status_document(
                 "backends": backends,
             }
         )
-    last = rec.stats.last_apply
+    last = snap.last_apply
     return {
         "version": __version__,
-        "uptime": time.time() - daemon.started,
-        "config": str(daemon.config_path),
-        "interfaces": list(daemon.interfaces),
+        "uptime": snap.at - snap.started,
+        "config": snap.config_path,
+        "interfaces": list(snap.interfaces),
         "services": services,
-        "applies": rec.stats.applies,
-        "apply_failures": rec.stats.apply_failures,
+        "applies": snap.applies,
+        "apply_failures": snap.apply_failures,
         "last_apply": None
         if last is None
         else {
@@ -98,21 +125,21 @@ def status_document(
             "changes": last.changes,
             "error": last.error,
         },
-        "state": _sync_state(daemon),
-        "reloads": daemon.telemetry.reloads,
-        "reload_failures": daemon.telemetry.reload_failures,
-        "last_reload": daemon.last_reload,
-        "last_event": daemon.telemetry.events.last_seq,
+        "state": _sync_state(snap.applied, snap.desired),
+        "reloads": snap.reloads,
+        "reload_failures": snap.reload_failures,
+        "last_reload": dict(snap.last_reload),
+        "last_event": snap.last_event,
         "errors": errors,
     }
 
 
-def read_counters(daemon: Daemon) -> tuple[dict[str, ServiceCounters], list[str]]:
+def read_counters(drivers: Mapping[Mode, Driver]) -> tuple[dict[str, ServiceCounters], list[str]]:
     """Every driver's counters without active flows (what rates need; cheap, so
     on the event loop), and the drivers that could not be read."""
     counters: dict[str, ServiceCounters] = {}
     errors: list[str] = []
-    for mode, driver in daemon.drivers.items():
+    for mode, driver in drivers.items():
         try:
             counters.update(driver.counters(active_flows=False))
         except PasslbError as err:
@@ -126,11 +153,13 @@ def read_counters(daemon: Daemon) -> tuple[dict[str, ServiceCounters], list[str]
 READ_OFF_LOOP = frozenset({Mode.DSR, Mode.NAT})
 
 
-async def gather_counters(daemon: Daemon) -> tuple[dict[str, ServiceCounters], list[str]]:
+async def gather_counters(
+    drivers: Mapping[Mode, Driver],
+) -> tuple[dict[str, ServiceCounters], list[str]]:
     """read_counters with active flows, the kernel drivers' read off the event loop."""
     counters: dict[str, ServiceCounters] = {}
     errors: list[str] = []
-    for mode, driver in list(daemon.drivers.items()):
+    for mode, driver in list(drivers.items()):
         try:
             if mode in READ_OFF_LOOP:
                 counters.update(await asyncio.to_thread(driver.counters))
@@ -141,14 +170,13 @@ async def gather_counters(daemon: Daemon) -> tuple[dict[str, ServiceCounters], l
     return counters, errors
 
 
-def _sync_state(daemon: Daemon) -> dict[str, Any]:
+def _sync_state(applied: DesiredState | None, desired: DesiredState | None) -> dict[str, Any]:
     """Desired vs applied: whether the data plane holds what passlb wants."""
-    rec = daemon.reconciler
-    if rec.desired is None:
+    if desired is None:
         return {"in_sync": False, "pending": "nothing computed yet"}
-    if rec.applied is rec.desired:
+    if applied is desired:
         return {"in_sync": True, "pending": ""}
-    diff = diff_desired(rec.applied, rec.desired)
+    diff = diff_desired(applied, desired)
     return {"in_sync": diff.empty, "pending": "" if diff.empty else str(diff)}
 
 
