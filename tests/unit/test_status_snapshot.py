@@ -9,11 +9,12 @@ import passlb.api
 from passlb.api.telemetry import Rates
 from passlb.api.views import StatusSnapshot, status_document
 from passlb.config import parse_config
-from passlb.control.desired import BackendRole, compute_desired
+from passlb.control.desired import compute_desired
 from passlb.control.reconciler import ApplyRecord, assume_all_healthy, with_admin_overrides
 from passlb.dataplane.base import BackendCounters, ServiceCounters
 from passlb.health.policy import HealthRecord, HealthState
 from passlb.model import AdminState
+from passlb.state import BackendRole
 
 CONFIG = """
 [[services]]

@@ -16,12 +16,13 @@ from typing import Any
 
 from passlb import __version__
 from passlb.api.telemetry import Rates
-from passlb.control.desired import DesiredState, diff_desired
+from passlb.control.desired import diff_desired
 from passlb.control.reconciler import ApplyRecord
 from passlb.dataplane.base import BackendCounters, Driver, Flow, ServiceCounters
 from passlb.errors import PasslbError
 from passlb.health.policy import HealthRecord
 from passlb.model import Config, Mode
+from passlb.state import DesiredState
 
 
 @dataclass(frozen=True)
