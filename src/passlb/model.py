@@ -88,6 +88,13 @@ class SniFallback(enum.StrEnum):
     CLOSE = "close"
 
 
+class Refusal(enum.StrEnum):
+    """What traffic a service refuses gets (a denied client, a limit reached)."""
+
+    DROP = "drop"  # silently: the client learns nothing and retries until it gives up
+    REJECT = "reject"  # TCP reset, or ICMP administratively prohibited for UDP
+
+
 class LogFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -198,6 +205,35 @@ class ConnTracking:
     udp_timeout: float = 30.0
     persist_on_unhealthy: PersistOnUnhealthy = PersistOnUnhealthy.DEFAULT
     flow_table_size: int = 1_048_576
+    # dsr: a TCP flow that has sent only its SYN is kept this long; its first packet
+    # after the handshake extends it to tcp_timeout. Equal to tcp_timeout: no protection.
+    syn_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class ClientRules:
+    """Who may reach a service, and what the others get."""
+
+    allow: tuple[IPNetwork, ...] = ()  # empty: every client not denied
+    deny: tuple[IPNetwork, ...] = ()  # wins over allow
+    refuse: Refusal = Refusal.DROP
+
+    @property
+    def any(self) -> bool:
+        return bool(self.allow or self.deny)
+
+    def allows(self, client: IPAddress) -> bool:
+        if any(client in network for network in self.deny):
+            return False
+        return not self.allow or any(client in network for network in self.allow)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Kernel-enforced limits of a dsr or nat service; None: no limit."""
+
+    client_new_flow_rate: int | None = None  # new flows per second from one client address
+    new_flow_rate: int | None = None  # new flows per second to the whole service
 
 
 @dataclass(frozen=True)
@@ -220,7 +256,6 @@ class ProxyOptions:
     idle_timeout: float = 300.0
     max_udp_sessions: int = 65536
     trust_inbound_proxy_protocol: bool = False
-    allow_clients: tuple[IPNetwork, ...] = ()  # empty: everyone
 
 
 @dataclass(frozen=True)
@@ -242,6 +277,10 @@ class Service:
     hash_seed: int | None = None  # None: derived from the service name (see hashing)
     snat: bool = False  # nat only: masquerade towards backends (client IP is lost)
     proxy: ProxyOptions | None = None  # proxy only
+    clients: ClientRules = field(default_factory=ClientRules)
+    limits: Limits = field(default_factory=Limits)
+    # Keys the file wrote in a place that still works but will go (for `passlb check`).
+    deprecations: tuple[str, ...] = ()
 
     def backend(self, key: str) -> Backend | None:
         return next((b for b in self.backends if b.key == key), None)

@@ -39,6 +39,7 @@ from passlb.hashing.flowkey import L4PROTO, ring_slot
 from passlb.model import (
     Backend,
     Balance,
+    ClientRules,
     ConnTracking,
     PortRange,
     PortSet,
@@ -436,14 +437,13 @@ async def test_trusted_inbound_header_names_the_client() -> None:
     inbound = encode_v1(ip_address("198.18.0.66"), 1111, ip_address(LOCALHOST), 2222)
     async with backends(EchoBackend("a", expect_proxy=True)) as servers:
         port = free_port()
-        svc = service_for(
-            "pp",
-            port,
-            servers,
-            proxy_protocol=ProxyProtocol.V2,
-            trust_inbound_proxy_protocol=True,
-            allow_clients=(ip_network("198.18.0.0/24"),),
-        )
+        svc = replace(
+            service_for(
+                "pp", port, servers, proxy_protocol=ProxyProtocol.V2,
+                trust_inbound_proxy_protocol=True,
+            ),
+            clients=ClientRules(allow=(ip_network("198.18.0.0/24"),)),
+        )  # fmt: skip
         async with running(desired(svc)) as driver:
             reader, writer = await connect(port)
             writer.write(inbound + b"data")
@@ -763,7 +763,10 @@ async def test_connection_limits() -> None:
 async def test_allow_list_closes_other_clients_at_once() -> None:
     async with backends(EchoBackend("a")) as servers:
         port = free_port()
-        svc = service_for("acl", port, servers, allow_clients=(ip_network("127.0.0.2/32"),))
+        svc = replace(
+            service_for("acl", port, servers),
+            clients=ClientRules(allow=(ip_network("127.0.0.2/32"),)),
+        )
         async with running(desired(svc)) as driver:
             assert await refused(port, source="127.0.0.1")
             reader, writer = await connect(port, source="127.0.0.2")

@@ -22,6 +22,7 @@ from passlb.model import (
     ApiSettings,
     Backend,
     Balance,
+    ClientRules,
     Config,
     ConnTracking,
     HealthSpec,
@@ -244,7 +245,11 @@ def test_every_field_reaches_the_model() -> None:
             idle_timeout=3600.0,
             max_udp_sessions=512,
             trust_inbound_proxy_protocol=True,
-            allow_clients=(ip_network("198.18.0.0/15"), ip_network("198.18.7.7/32")),
+        ),
+        clients=ClientRules(allow=(ip_network("198.18.0.0/15"), ip_network("198.18.7.7/32"))),
+        deprecations=(
+            "proxy.allow_clients is deprecated: write allow_clients on the service itself"
+            " ([[services]]), where every mode reads it",
         ),
     )
     dns = Service(

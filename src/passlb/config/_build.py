@@ -34,12 +34,14 @@ from passlb.model import (
     ApiSettings,
     Backend,
     Balance,
+    ClientRules,
     Config,
     ConnTracking,
     HealthSpec,
     HealthType,
     IPAddress,
     IPNetwork,
+    Limits,
     LogFormat,
     Mode,
     PersistOnUnhealthy,
@@ -48,6 +50,7 @@ from passlb.model import (
     ProxyOptions,
     ProxyProtocol,
     ProxySettings,
+    Refusal,
     Service,
     SniFallback,
     SniRoute,
@@ -77,9 +80,16 @@ LOG_KEYS = ("level", "format")
 SERVICE_KEYS = (
     "name", "vip", "protocol", "ports", "mode", "affinity", "target_port", "ring_size",
     "hash_seed", "drain_timeout", "all_unhealthy", "failover_ratio", "snat", "proxy_protocol",
-    "conntrack", "health", "proxy", "backends",
+    "conntrack", "health", "proxy", "backends", "allow_clients", "deny_clients", "refuse",
+    "limits",
 )  # fmt: skip
-CONNTRACK_KEYS = ("tcp_timeout", "udp_timeout", "persist_on_unhealthy", "flow_table_size")
+CONNTRACK_KEYS = (
+    "tcp_timeout", "udp_timeout", "persist_on_unhealthy", "flow_table_size", "syn_timeout",
+)  # fmt: skip
+LIMITS_KEYS = ("client_new_flow_rate", "new_flow_rate")
+# The largest rate nft's limit statement takes per second without overflowing its
+# token bucket arithmetic in a useful way; far above what one host forwards.
+MAX_FLOW_RATE = 100_000_000
 BACKEND_KEYS = ("address", "port", "weight", "backup", "state", "pool", "health")
 PROXY_KEYS = (
     "proxy_protocol", "transparent", "balance", "sni_routes", "sni_fallback", "sni_timeout",
@@ -256,12 +266,15 @@ def _service(table: Table, index: int, names: ServiceNames) -> Service | None:
     proxy = None
     if mode is Mode.PROXY:
         proxy_table = table.table("proxy") or Table({}, table.at("proxy"), table.issues)
-        proxy = _proxy(proxy_table, table, vip, protocol, backends)
+        proxy = _proxy(proxy_table, table, protocol, backends)
     else:
         _only_for(table, "proxy", (Mode.PROXY,), mode)
         _only_for(table, "proxy_protocol", (Mode.PROXY,), mode)
 
-    conntrack = _conntrack(table.table("conntrack"))
+    conntrack = _conntrack(table.table("conntrack"), mode)
+    deprecations: list[str] = []
+    clients = _client_rules(table, vip, mode, deprecations)
+    limits = _limits(table, mode)
     affinity = table.get("affinity", choice(Affinity), Affinity.FIVE_TUPLE)
     hash_seed = table.optional("hash_seed", integer(0, 2**32 - 1))
     drain_timeout = table.get("drain_timeout", duration(allow_zero=True), 30.0)
@@ -288,6 +301,9 @@ def _service(table: Table, index: int, names: ServiceNames) -> Service | None:
         hash_seed=hash_seed,
         snat=snat,
         proxy=proxy,
+        clients=clients,
+        limits=limits,
+        deprecations=tuple(deprecations),
     )
 
 
@@ -316,13 +332,24 @@ def _next_prime(start: int) -> int:
     return candidate
 
 
-def _conntrack(table: Table | None) -> ConnTracking:
+def _conntrack(table: Table | None, mode: Mode | None) -> ConnTracking:
     if table is None:
         return ConnTracking()
     table.check_keys(CONNTRACK_KEYS)
     defaults = ConnTracking()
+    tcp_timeout = table.get("tcp_timeout", duration(), defaults.tcp_timeout)
+    syn_timeout = min(defaults.syn_timeout, tcp_timeout)
+    if _only_for(table, "syn_timeout", (Mode.DSR,), mode):
+        syn_timeout = table.get("syn_timeout", duration(), syn_timeout)
+        if syn_timeout > tcp_timeout:
+            table.problem(
+                "syn_timeout",
+                f"must not exceed tcp_timeout ({format_duration(tcp_timeout)}),"
+                f" got {format_duration(syn_timeout)}; equal to it turns the SYN protection off",
+            )
     return ConnTracking(
-        tcp_timeout=table.get("tcp_timeout", duration(), defaults.tcp_timeout),
+        tcp_timeout=tcp_timeout,
+        syn_timeout=syn_timeout,
         udp_timeout=table.get("udp_timeout", duration(), defaults.udp_timeout),
         persist_on_unhealthy=table.get(
             "persist_on_unhealthy", choice(PersistOnUnhealthy), defaults.persist_on_unhealthy
@@ -330,6 +357,66 @@ def _conntrack(table: Table | None) -> ConnTracking:
         flow_table_size=table.get(
             "flow_table_size", integer(1, 2**32 - 1), defaults.flow_table_size
         ),
+    )
+
+
+# -- edge protection ----------------------------------------------------------
+
+
+def _client_rules(
+    table: Table, vip: IPAddress | None, mode: Mode | None, deprecations: list[str]
+) -> ClientRules:
+    allow = _networks(table, "allow_clients", vip)
+    proxy_table = table.table("proxy") if mode is Mode.PROXY else None
+    if proxy_table is not None and proxy_table.has("allow_clients"):
+        if table.has("allow_clients"):
+            proxy_table.problem(
+                "allow_clients", "also set on the service (allow_clients); keep that one"
+            )
+        else:
+            # Issue 15 moved the key to the service, where every mode reads it.
+            allow = _networks(proxy_table, "allow_clients", vip)
+            deprecations.append(
+                "proxy.allow_clients is deprecated: write allow_clients on the service"
+                " itself ([[services]]), where every mode reads it"
+            )
+    deny = _networks(table, "deny_clients", vip)
+    refuse = Refusal.DROP
+    if table.has("refuse") and mode is Mode.PROXY:
+        table.problem(
+            "refuse",
+            "only for mode dsr or nat; the proxy resets refused TCP connections"
+            " (the kernel completed their handshake) and drops refused datagrams",
+        )
+    else:
+        refuse = table.get("refuse", choice(Refusal), Refusal.DROP)
+    return ClientRules(allow=allow, deny=deny, refuse=refuse)
+
+
+def _networks(table: Table, key: str, vip: IPAddress | None) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for position, network in table.each(key, values.ip_network) or []:
+        if vip is not None and network.version != vip.version:
+            table.issues.add(
+                (*table.at(key), position),
+                f"{network} is IPv{network.version};"
+                f" clients of an IPv{vip.version} VIP are IPv{vip.version}",
+            )
+        else:
+            networks.append(network)
+    return tuple(networks)
+
+
+def _limits(service: Table, mode: Mode | None) -> Limits:
+    if not _only_for(service, "limits", (Mode.DSR, Mode.NAT), mode):
+        return Limits()
+    table = service.table("limits")
+    if table is None:
+        return Limits()
+    table.check_keys(LIMITS_KEYS)
+    return Limits(
+        client_new_flow_rate=table.optional("client_new_flow_rate", integer(1, MAX_FLOW_RATE)),
+        new_flow_rate=table.optional("new_flow_rate", integer(1, MAX_FLOW_RATE)),
     )
 
 
@@ -479,7 +566,6 @@ def _check_backends(
 def _proxy(
     table: Table,
     service: Table,
-    vip: IPAddress | None,
     protocol: Protocol,
     backends: Sequence[tuple[int, Backend]],
 ) -> ProxyOptions:
@@ -492,15 +578,6 @@ def _proxy(
             service.problem("proxy_protocol", "also set in [services.proxy]; keep one")
         else:
             proxy_protocol = service.get("proxy_protocol", choice(ProxyProtocol), proxy_protocol)
-    allow_clients: list[IPNetwork] = []
-    for position, network in table.each("allow_clients", values.ip_network) or []:
-        allow_clients.append(network)
-        if vip is not None and network.version != vip.version:
-            table.issues.add(
-                (*table.at("allow_clients"), position),
-                f"{network} is IPv{network.version};"
-                f" clients of an IPv{vip.version} VIP are IPv{vip.version}",
-            )
     return ProxyOptions(
         proxy_protocol=proxy_protocol,
         transparent=table.get("transparent", boolean, defaults.transparent),
@@ -520,7 +597,6 @@ def _proxy(
         trust_inbound_proxy_protocol=table.get(
             "trust_inbound_proxy_protocol", boolean, defaults.trust_inbound_proxy_protocol
         ),
-        allow_clients=tuple(allow_clients),
     )
 
 

@@ -25,6 +25,7 @@ from passlb.model import (
     PersistOnUnhealthy,
     Protocol,
     ProxyProtocol,
+    Refusal,
     SniFallback,
 )
 
@@ -39,6 +40,7 @@ _DURATION_TEXT = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+
 _DURATION = {"oneOf": [_DURATION_TEXT, {"type": "number", "exclusiveMinimum": 0}]}
 _DURATION_OR_ZERO = {"oneOf": [_DURATION_TEXT, {"type": "number", "minimum": 0}]}
 _STATUS = {"type": "integer", "minimum": 100, "maximum": 599}
+_CIDRS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
 _HOST_PATTERN = r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.?$"
 
 
@@ -140,7 +142,7 @@ def _proxy() -> Schema:
         "idle_timeout": _DURATION,
         "max_udp_sessions": _integer(1, 10_000_000),
         "trust_inbound_proxy_protocol": _BOOL,
-        "allow_clients": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "allow_clients": {**_CIDRS, "deprecated": True, "description": "use the service's"},
     }
     return _table(properties)
 
@@ -191,6 +193,22 @@ def _service() -> Schema:
                 "udp_timeout": _DURATION,
                 "persist_on_unhealthy": _enum(PersistOnUnhealthy, "flows on failed backends"),
                 "flow_table_size": _integer(1, 2**32 - 1),
+                "syn_timeout": {**_DURATION, "description": "dsr: flows that sent only a SYN"},
+            }
+        ),
+        "allow_clients": {**_CIDRS, "description": "only these clients (CIDRs) are served"},
+        "deny_clients": {**_CIDRS, "description": "these clients are refused, even if allowed"},
+        "refuse": _enum(Refusal, "dsr and nat: what refused traffic gets"),
+        "limits": _table(
+            {
+                "client_new_flow_rate": {
+                    **_integer(1, rules.MAX_FLOW_RATE),
+                    "description": "new flows per second from one client address",
+                },
+                "new_flow_rate": {
+                    **_integer(1, rules.MAX_FLOW_RATE),
+                    "description": "new flows per second to the service",
+                },
             }
         ),
         "health": _service_health(),
@@ -220,6 +238,10 @@ def _service() -> Schema:
         {
             "if": {"properties": {"mode": {"not": {"const": "nat"}}}, "required": ["mode"]},
             "then": _not_allowed("snat"),
+        },
+        {
+            "if": {"properties": {"mode": {"const": "proxy"}}, "required": ["mode"]},
+            "then": _not_allowed("refuse", "limits"),
         },
     ]
     return _table(

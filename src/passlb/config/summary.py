@@ -49,7 +49,7 @@ def config_warnings(config: Config) -> tuple[str, ...]:
 
 
 def service_warnings(service: Service) -> tuple[str, ...]:
-    warnings = []
+    warnings = list(service.deprecations)
     if service.snat:
         warnings.append("snat=true: backends will not see the client IP")
     if all(backend.backup for backend in service.backends):

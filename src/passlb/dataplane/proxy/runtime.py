@@ -79,8 +79,7 @@ class ServiceRuntime:
         return self.service.name
 
     def allows(self, client: IPAddress) -> bool:
-        allow = self.options.allow_clients
-        return not allow or any(client in net for net in allow)
+        return self.service.clients.allows(client)
 
     def at_capacity(self) -> bool:
         limit = self.options.max_connections
