@@ -9,7 +9,9 @@ no open flows).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -229,3 +231,31 @@ def test_services_endpoints_match_status(daemon: LiveDaemon) -> None:
     first = daemon.backends[0].key
     assert client.get(f"/api/v1/services/web/backends/{first}")["health"] == "up"
     assert daemon.status()["state"] == {"in_sync": True, "pending": ""}
+
+
+def test_refused_clients_are_counted_by_reason_in_status_metrics_and_cli(
+    daemon: LiveDaemon,
+) -> None:
+    def drops() -> dict[str, int]:
+        return dict(daemon.status()["services"][0]["drops"])
+
+    def new_flows() -> float:
+        return sum(by_backend(metrics(daemon)["passlb_backend_new_flows_total"]).values())
+
+    before, flows_before = drops(), new_flows()
+    for _ in range(3):
+        # Refused before any backend speaks: reset during our connect, or just after.
+        with contextlib.suppress(ConnectionResetError), socket.socket() as sock:
+            sock.settimeout(5)
+            sock.bind((daemon.denied_client, 0))
+            sock.connect((daemon.vip, daemon.port))
+            assert sock.recv(64) == b""
+    wait_until(lambda: drops().get("not_allowed", 0) == before.get("not_allowed", 0) + 3)
+    after = drops()
+    assert {r: n - before.get(r, 0) for r, n in after.items() if n != before.get(r, 0)} == {
+        "not_allowed": 3
+    }
+    assert new_flows() == flows_before
+    samples = metrics(daemon)["passlb_service_drops_total"]
+    assert ({"service": "web", "reason": "not_allowed"}, after["not_allowed"]) in samples
+    assert f"dropped: not_allowed {after['not_allowed']}" in cli(daemon, "status")

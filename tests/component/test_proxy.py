@@ -366,7 +366,7 @@ async def relay_once_the_backend_handshake_is_done() -> None:
                 assert await reader.readexactly(4) == b"pong"
             assert await reader.read() == b""  # the backend's FIN, passed on
             writer.close()
-            assert driver.drops()["slow"] == {}
+            assert driver.counters()["slow"].drops == {}
 
 
 @pytest.mark.parametrize(
@@ -536,7 +536,7 @@ async def test_udp_sessions_relay_expire_and_are_bounded() -> None:
             clients[2][0].sendto(b"dropped")  # the table is full
             await asyncio.sleep(0.05)
             assert clients[2][1].replies.empty()
-            assert driver.drops()["dns"]["udp_sessions_full"] == 1
+            assert driver.counters()["dns"].drops["udp_sessions_full"] == 1
             assert len(driver.flows(service="dns")) == 2
             header = backend.headers[0]
             assert header.addresses is not None
@@ -636,7 +636,7 @@ async def test_sni_close_fallback_and_split_hello(ca: trustme.CA) -> None:
                 writer.write(client_hello(name))
                 assert await closed_by_peer(reader)
                 writer.close()
-            assert driver.drops()["tls"]["sni_no_route"] == 3
+            assert driver.counters()["tls"].drops["sni_no_route"] == 3
             # A hello dribbled out in small segments still routes.
             data = client_hello("q.alpha.test")
             reader, writer = await connect(port)
@@ -745,7 +745,7 @@ async def test_connection_limits() -> None:
             names = {(await r.readline()).decode().strip() for r, _ in first}
             assert names == {"a", "b"}  # the second skips the full backend
             assert await refused(port)
-            assert driver.drops()["lim"]["no_backend"] == 1
+            assert driver.counters()["lim"].drops["no_backend"] == 1
             for _, w in first:
                 w.close()
         port = free_port()
@@ -754,7 +754,7 @@ async def test_connection_limits() -> None:
             for r, _ in first:
                 await r.readline()
             assert await refused(port)
-            assert d.drops()["cap"]["max_connections"] == 1
+            assert d.counters()["cap"].drops["max_connections"] == 1
             for _, w in first:
                 w.close()
 
@@ -772,7 +772,7 @@ async def test_allow_list_closes_other_clients_at_once() -> None:
             reader, writer = await connect(port, source="127.0.0.2")
             assert await reader.readline() == b"a\n"
             writer.close()
-            assert driver.drops()["acl"]["not_allowed"] == 1
+            assert driver.counters()["acl"].drops["not_allowed"] == 1
             assert servers[0].peers and len(servers[0].peers) == 1
 
 

@@ -418,7 +418,7 @@ async def test_each_worker_enforces_its_share_of_max_connections() -> None:
                 except (OSError, asyncio.IncompleteReadError, AssertionError):
                     refused += 1
             assert (len(held), refused) == (2, 18)  # one each: 2 in all, not 2 per worker
-            assert pool.drops()["web"]["max_connections"] == 18
+            assert pool.counters()["web"].drops["max_connections"] == 18
             for conn in held:
                 conn.close()
 

@@ -71,6 +71,14 @@ SERVICE_METRICS = (
         "Packets of new flows dropped because no backend could take them.",
     ),
     MetricInfo(
+        "passlb_service_drops_total",
+        "counter",
+        "Refused or dropped traffic by reason (not_allowed, client_rate_limited, rate_limited,"
+        " no_backend; proxy: also max_connections, sni_no_route, udp_sessions_full,"
+        " udp_send_failed, udp_reply_failed, backend_unreachable, accept_failed): packets in"
+        " dsr and nat, flows or datagrams in proxy.",
+    ),
+    MetricInfo(
         "passlb_service_serving", "gauge", "1 when the service has a ring (takes new flows)."
     ),
 )
@@ -138,6 +146,8 @@ def render_metrics(doc: Mapping[str, Any], apply_duration: Histogram, ring_build
         service_labels = {"service": svc["name"]}
         add("passlb_service_dropped_packets_total", service_labels, svc["dropped"])
         add("passlb_service_serving", service_labels, 0 if svc["dropping"] else 1)
+        for reason, count in svc["drops"].items():
+            add("passlb_service_drops_total", {**service_labels, "reason": reason}, count)
         for b in svc["backends"]:
             labels = {"service": svc["name"], "backend": b["key"]}
             add("passlb_backend_packets_total", labels, b["packets"])

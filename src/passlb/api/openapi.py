@@ -95,6 +95,11 @@ _SCHEMAS: dict[str, Any] = {
             "mode": {"enum": ["dsr", "nat", "proxy"]},
             "dropping": {"type": "boolean", "description": "no ring: new flows dropped"},
             "dropped": {"type": "integer"},
+            "drops": {
+                "type": "object",
+                "additionalProperties": {"type": "integer"},
+                "description": "refused or dropped traffic by reason (docs/protecting.md)",
+            },
             "active_flows": {"type": "integer"},
             "backends": {"type": "array", "items": _ref("Backend")},
         },

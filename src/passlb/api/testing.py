@@ -103,6 +103,7 @@ class LiveDaemon:
         self.workdir = Path(tempfile.mkdtemp(prefix="passlb-api-test-"))
         self.backends = [Backend(f"b{i + 1}", f"{block}.{11 + i}") for i in range(backends)]
         self.vip = f"{block}.10"
+        self.denied_client = f"{block}.99"  # deny_clients: the proxy refuses it
         self.port = free_port(self.vip)
         api_host = f"{block}.1"
         self.api = (
@@ -141,6 +142,7 @@ vip = "{self.vip}"
 protocol = "tcp"
 ports = [{self.port}]
 mode = "proxy"
+deny_clients = ["{self.denied_client}"]
 
 [services.health]
 type = "tcp"

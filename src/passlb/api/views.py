@@ -104,6 +104,7 @@ def status_document(
                 "mode": svc.mode.value,
                 "dropping": sd is not None and sd.ring is None,
                 "dropped": svc_counters.dropped,
+                "drops": dict(sorted(svc_counters.drops.items())),
                 "active_flows": svc_counters.total.active_flows,
                 "backends": backends,
             }
@@ -251,6 +252,9 @@ def format_status(doc: dict[str, Any]) -> str:
                 f"{human_rate(rates.get('packets', 0.0)):>7} "
                 f"{human_rate(rates.get('bytes', 0.0)):>7}{extra}"
             )
+        drops = {reason: n for reason, n in svc.get("drops", {}).items() if n}
+        if drops:
+            lines.append("  dropped: " + ", ".join(f"{r} {n}" for r, n in drops.items()))
     return "\n".join(lines)
 
 

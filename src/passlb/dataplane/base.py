@@ -27,6 +27,9 @@ class BackendCounters:
 class ServiceCounters:
     backends: dict[str, BackendCounters] = field(default_factory=dict)  # by Backend.key
     dropped: int = 0  # packets of new flows dropped (no backend to take them)
+    # Refused or dropped traffic by reason: packets in the kernel modes, flows or
+    # datagrams in the proxy (docs/protecting.md lists the reasons).
+    drops: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> BackendCounters:

@@ -1,7 +1,8 @@
 """Per-backend counters of a kernel driver, from its table's named counters.
 
 Both kernel drivers name their counters alike: `pkts_<id>` (client → backend
-packets and bytes), `new_<id>` (new flows) and the service's drop counter.
+packets and bytes), `new_<id>` (new flows), the service's drop counter (no
+backend) and one counter per drop reason of its guard (guard.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from passlb.dataplane.base import BackendCounters, ServiceCounters
+from passlb.dataplane.nft.guard import NO_BACKEND, reason_counters
 from passlb.dataplane.nft.names import ServiceNames
 from passlb.dataplane.nft.objects import CounterValue
 from passlb.state import ServiceDesired
@@ -38,5 +40,10 @@ def service_counters(
                 active_flows=active.get(bid, 0),
             )
         drop = values.get(ServiceNames.of(sd.service.name).drop_counter, CounterValue())
-        result[sd.service.name] = ServiceCounters(backends=backends, dropped=drop.packets)
+        drops = {NO_BACKEND: drop.packets}
+        for reason, counter in reason_counters(sd.service).items():
+            drops[reason] = values.get(counter, CounterValue()).packets
+        result[sd.service.name] = ServiceCounters(
+            backends=backends, dropped=drop.packets, drops=drops
+        )
     return result

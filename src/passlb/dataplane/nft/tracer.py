@@ -5,8 +5,12 @@ test behaviour, not text): header matches, concatenated lookups in maps and
 verdict maps (intervals included), address literals, `jhash ... mod N seed S`
 with the kernel twin, `update @set { key [timeout T] : value }` (which fails
 on a full set), named and mapped counters, `fwd`, `goto`/`jump`,
-`accept`/`drop`. A failed lookup ends the rule and the packet moves to the
-next one, as in the kernel.
+`accept`/`drop`/`reject`, set membership (`ip saddr [!=] @set`, CIDR
+intervals included) and `limit rate over` (alone or per key in `update @set`).
+A failed lookup ends the rule and the packet moves to the next one, as in the
+kernel. Limits run in a time that never passes: each bucket starts full with
+its burst and does not refill, so the packet after the burst is over the rate;
+the caller keeps the buckets between packets (`trace(..., buckets=)`).
 It mutates the ruleset it traces through: flow tables fill, counters count.
 
 Pure: no I/O.
@@ -15,7 +19,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 
 from passlb.dataplane.nft.objects import CounterValue, Element
 from passlb.dataplane.nft.ruleset import Ruleset
@@ -42,7 +46,8 @@ class Packet:
 
 @dataclass
 class Trace:
-    verdict: str = "accept"  # "accept" | "drop" | "fwd"
+    verdict: str = "accept"  # "accept" | "drop" | "fwd" | "reject"
+    reject_with: str | None = None  # "tcp reset", "icmpx admin-prohibited"
     fwd_to: str | None = None
     fwd_device: str | None = None
     mark: int = 0
@@ -62,16 +67,20 @@ class _Verdict(Exception):
         self.verdict, self.target = verdict, target
 
 
-def trace(rs: Ruleset, packet: Packet, base_chain: str) -> Trace:
+# (rule text, per-key bucket key) -> packets the bucket let through so far
+Buckets = dict[tuple[str, tuple[str, ...]], int]
+
+
+def trace(rs: Ruleset, packet: Packet, base_chain: str, *, buckets: Buckets | None = None) -> Trace:
     """Run `packet` through `base_chain` (and the chains it reaches)."""
     result = Trace()
-    _Tracer(rs, packet, result).run_chain(base_chain, depth=0)
+    _Tracer(rs, packet, result, {} if buckets is None else buckets).run_chain(base_chain, 0)
     return result
 
 
 class _Tracer:
-    def __init__(self, rs: Ruleset, packet: Packet, result: Trace) -> None:
-        self.rs, self.pkt, self.result = rs, packet, result
+    def __init__(self, rs: Ruleset, packet: Packet, result: Trace, buckets: Buckets) -> None:
+        self.rs, self.pkt, self.result, self.buckets = rs, packet, result, buckets
 
     def run_chain(self, name: str, depth: int) -> bool:
         """True when a terminal verdict was reached."""
@@ -80,7 +89,7 @@ class _Tracer:
         self.result.chains.append(name)
         for rule in self.rs.rules[name]:
             try:
-                _RuleRun(self, rule.rule.split()).run()
+                _RuleRun(self, rule.rule).run()
             except _Break:
                 continue
             except _Verdict as v:
@@ -89,6 +98,8 @@ class _Tracer:
                         return True
                     continue
                 self.result.verdict = v.verdict
+                if v.verdict == "reject":
+                    self.result.reject_with = v.target
                 return True
         return False
 
@@ -120,9 +131,10 @@ class _Tracer:
 class _RuleRun:
     """Statements of one rule, read left to right from its tokens."""
 
-    def __init__(self, tracer: _Tracer, tokens: list[str]) -> None:
+    def __init__(self, tracer: _Tracer, text: str) -> None:
         self.t = tracer
-        self.tokens = tokens
+        self.text = text
+        self.tokens = text.split()
         self.i = 0
 
     def peek(self, offset: int = 0) -> str | None:
@@ -193,6 +205,18 @@ class _RuleRun:
         tok = self.peek()
         if tok in ("accept", "drop"):
             raise _Verdict(self.take())
+        if tok == "reject":
+            self.take()
+            if self.peek() == "with":
+                self.take("with")
+                kind = self.take()  # "tcp" (reset) or "icmp"/"icmpv6"/"icmpx" (type ...)
+                if self.peek() == "type":
+                    self.take("type")
+                raise _Verdict("reject", f"{kind} {self.take()}")
+            raise _Verdict("reject")
+        if tok == "limit":
+            self.limit(())
+            return
         if tok in ("goto", "jump"):
             verdict = self.take()
             raise _Verdict(verdict, self.take())
@@ -216,6 +240,18 @@ class _RuleRun:
 
     def match(self) -> None:
         key = self.concat()
+        negated = self.peek() == "!="
+        if negated:
+            self.take("!=")
+        if (self.peek() or "").startswith("@"):
+            try:
+                self.lookup(self.set_ref(), key)
+                member = True
+            except _Break:
+                member = False
+            if member == negated:
+                raise _Break
+            return
         if self.peek() == "vmap":
             self.take("vmap")
             verdict = self.lookup(self.set_ref(), key).value or ""
@@ -248,11 +284,30 @@ class _RuleRun:
         before = values.get(name, CounterValue())
         values[name] = CounterValue(before.packets + 1, before.bytes + self.t.pkt.length)
 
+    def limit(self, key: tuple[str, ...]) -> None:
+        """`limit rate over R/second burst B packets`: over once B packets went through."""
+        self.take("limit")
+        self.take("rate")
+        self.take("over")
+        self.take()  # R/second: no time passes here
+        self.take("burst")
+        burst = int(self.take())
+        self.take("packets")
+        bucket = (self.text, key)
+        passed = self.t.buckets.get(bucket, 0)
+        if passed < burst:
+            self.t.buckets[bucket] = passed + 1
+            raise _Break  # under the rate: the rest of the rule does not apply
+
     def update(self) -> None:
         self.take("update")
         name = self.set_ref()
         self.take("{")
         key = self.concat()
+        if self.peek() == "limit":
+            self.limit(tuple(k for k, _ in key))
+            self.take("}")
+            return
         timeout = None
         if self.peek() == "timeout":
             self.take("timeout")
@@ -292,6 +347,13 @@ def _interval_match(element_key: tuple[str, ...], key: tuple[str, ...]) -> bool:
     for want, have in zip(element_key, key, strict=True):
         if want == have:
             continue
+        if "/" in want:
+            try:
+                if ip_address(have) in ip_network(want):
+                    continue
+            except ValueError:
+                pass
+            return False
         first, sep, last = want.partition("-")
         if not (sep and first.isdigit() and last.isdigit() and have.isdigit()):
             return False

@@ -43,7 +43,7 @@ class SyncRequest:
 
 @dataclass(frozen=True)
 class ReadRequest:
-    """Counters and drops."""
+    """Counters (with the drops by reason)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,6 @@ class SyncReply:
 @dataclass(frozen=True)
 class ReadReply:
     counters: dict[str, ServiceCounters] = field(default_factory=dict)
-    drops: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

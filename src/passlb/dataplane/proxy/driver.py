@@ -215,15 +215,6 @@ class ProxyDriver:
                     found.append(flow)
         return found
 
-    def drops(self) -> dict[str, dict[str, int]]:
-        """Refused flows and dropped datagrams by service, then by reason.
-
-        Reasons: not_allowed, max_connections, no_backend, sni_no_route,
-        udp_sessions_full, udp_send_failed, udp_reply_failed,
-        backend_unreachable, accept_failed.
-        """
-        return {name: dict(runtime.drops) for name, runtime in self._runtimes.items()}
-
     def listening(self) -> list[ListenerKey]:
         return sorted(self._listeners)
 

@@ -136,7 +136,9 @@ class ServiceRuntime:
         stats.bytes += size
 
     def counters(self) -> ServiceCounters:
-        return ServiceCounters(backends={k: s.frozen() for k, s in self.stats.items()})
+        return ServiceCounters(
+            backends={k: s.frozen() for k, s in self.stats.items()}, drops=dict(self.drops)
+        )
 
 
 def _flow_slot(

@@ -91,7 +91,7 @@ class _Worker:
         for unexpected in sockets:
             unexpected.close()
         if isinstance(request, channel.ReadRequest):
-            return channel.ReadReply(self.driver.counters(), self.driver.drops())
+            return channel.ReadReply(self.driver.counters())
         if isinstance(request, channel.FlowsRequest):
             return channel.FlowsReply(self.driver.flows(request.service, request.backend))
         if isinstance(request, channel.CloseRequest):

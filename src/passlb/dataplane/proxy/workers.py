@@ -354,8 +354,7 @@ class WorkerPool:
             for key, c in counters.backends.items():
                 # Its active flows died with it.
                 base[key] = _add(base.get(key, BackendCounters()), replace(c, active_flows=0))
-        for name, drops in read.drops.items():
-            self._base_drops.setdefault(name, Counter()).update(drops)
+            self._base_drops.setdefault(name, Counter()).update(counters.drops)
 
     # ------------------------------------------------------------ reading
 
@@ -364,13 +363,18 @@ class WorkerPool:
         sums: dict[str, dict[str, BackendCounters]] = {
             name: dict(backends) for name, backends in self._base.items()
         }
+        drops = {name: Counter(reasons) for name, reasons in self._base_drops.items()}
         for reply in self._ask_all(channel.ReadRequest()):
             assert isinstance(reply, channel.ReadReply)
             for name, counters in reply.counters.items():
                 total = sums.setdefault(name, {})
                 for key, c in counters.backends.items():
                     total[key] = _add(total.get(key, BackendCounters()), c)
-        return {name: ServiceCounters(backends=backends) for name, backends in sums.items()}
+                drops.setdefault(name, Counter()).update(counters.drops)
+        return {
+            name: ServiceCounters(backends=backends, drops=dict(drops.get(name, {})))
+            for name, backends in sums.items()
+        }
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
         found: list[Flow] = []
@@ -378,15 +382,6 @@ class WorkerPool:
             assert isinstance(reply, channel.FlowsReply)
             found.extend(reply.flows)
         return found
-
-    def drops(self) -> dict[str, dict[str, int]]:
-        """Refusals by service, then reason, summed over the workers (see ProxyDriver)."""
-        sums = {name: Counter(drops) for name, drops in self._base_drops.items()}
-        for reply in self._ask_all(channel.ReadRequest()):
-            assert isinstance(reply, channel.ReadReply)
-            for name, drops in reply.drops.items():
-                sums.setdefault(name, Counter()).update(drops)
-        return {name: dict(drops) for name, drops in sums.items()}
 
     def listening(self) -> list[ListenerKey]:
         return sorted(self._listening)

@@ -1,0 +1,181 @@
+"""Edge protection of one kernel service: who may connect, how fast, and what was refused.
+
+Both kernel drivers put these rules into the service chain: the client rules
+first (dsr: every packet; nat: the first packet of a flow, as its chain sees
+only those), the limits where a new flow is about to pick a backend. Every
+refusal is counted in a named counter of its own reason, so status and metrics
+say why traffic was refused, by service.
+
+    allowed_<svc>  interval set of the allow_clients CIDRs (absent: everyone)
+    denied_<svc>   interval set of the deny_clients CIDRs
+    climit_<svc>   dynamic set: client address -> token bucket (client_new_flow_rate)
+    refuse_<svc>   chain: TCP reset, else ICMP administratively prohibited
+                   (only with refuse = "reject"; "drop" drops in place)
+
+The allow set holds the collapsed CIDRs: nft refuses overlapping elements in
+an interval set, and users write overlapping lists (a /15 and a host in it).
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from passlb.dataplane.nft.names import ident
+from passlb.dataplane.nft.objects import Chain, Counter, Element, Set
+from passlb.model import IPNetwork, Refusal, Service
+
+# Drop reasons of the kernel modes, as status and metrics name them; the counter
+# prefix keeps each counter name within nft's 63 characters.
+NOT_ALLOWED = "not_allowed"
+CLIENT_RATE_LIMITED = "client_rate_limited"
+RATE_LIMITED = "rate_limited"
+NO_BACKEND = "no_backend"
+_COUNTER_PREFIX = {NOT_ALLOWED: "deny", CLIENT_RATE_LIMITED: "crate", RATE_LIMITED: "rate"}
+
+# A client's token bucket is forgotten after this long without a new flow; the
+# set's size bounds the memory a flood of sources can take. When it is full, a
+# new source is not limited (the kernel cannot add its bucket): the per-service
+# rate still holds.
+CLIENT_BUCKET_TIMEOUT = 60.0
+CLIENT_BUCKETS = 65536
+
+
+@dataclass(frozen=True)
+class GuardNames:
+    ident: str
+
+    @staticmethod
+    def of(service: str) -> GuardNames:
+        return GuardNames(ident(service))
+
+    @property
+    def allowed(self) -> str:
+        return f"allowed_{self.ident}"
+
+    @property
+    def denied(self) -> str:
+        return f"denied_{self.ident}"
+
+    @property
+    def client_buckets(self) -> str:
+        return f"climit_{self.ident}"
+
+    @property
+    def refuse_chain(self) -> str:
+        return f"refuse_{self.ident}"
+
+    def counter(self, reason: str) -> str:
+        return f"{_COUNTER_PREFIX[reason]}_{self.ident}"
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The nft objects of one service's protection, for a driver to place."""
+
+    sets: tuple[tuple[Set, tuple[Element, ...]], ...]
+    counters: tuple[Counter, ...]
+    chains: tuple[tuple[Chain, tuple[str, ...]], ...]
+    client_rules: tuple[str, ...]  # first in the service chain
+    new_flow_rules: tuple[str, ...]  # before a new flow picks its backend
+
+
+def reason_counters(service: Service) -> dict[str, str]:
+    """Drop reason -> counter name of every reason `service` counts (the drivers'
+    counters() read these)."""
+    names = GuardNames.of(service.name)
+    reasons = []
+    if service.clients.any:
+        reasons.append(NOT_ALLOWED)
+    if service.limits.client_new_flow_rate is not None:
+        reasons.append(CLIENT_RATE_LIMITED)
+    if service.limits.new_flow_rate is not None:
+        reasons.append(RATE_LIMITED)
+    return {reason: names.counter(reason) for reason in reasons}
+
+
+def collapse(networks: Iterable[IPNetwork]) -> list[IPNetwork]:
+    """The fewest CIDRs covering `networks` (overlaps and neighbours merged)."""
+    v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+    return [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
+
+
+def element_text(network: IPNetwork) -> str:
+    """A CIDR as nft lists it in an interval set: a single host as a bare address."""
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
+
+
+def render_guard(service: Service) -> Guard:
+    names = GuardNames.of(service.name)
+    family = service.vip.version
+    ip = "ip" if family == 4 else "ip6"
+    addr_type = "ipv4_addr" if family == 4 else "ipv6_addr"
+    sets: list[tuple[Set, tuple[Element, ...]]] = []
+    chains: list[tuple[Chain, tuple[str, ...]]] = []
+    counters = [
+        Counter(counter, comment=f"{service.name}: {reason}")
+        for reason, counter in reason_counters(service).items()
+    ]
+    refuse = "drop"
+    if service.clients.refuse is Refusal.REJECT:
+        refuse = f"goto {names.refuse_chain}"
+        chains.append(
+            (
+                Chain(names.refuse_chain),
+                (
+                    "meta l4proto tcp reject with tcp reset",
+                    "reject with icmpx type admin-prohibited",
+                ),
+            )
+        )
+    client_rules: list[str] = []
+    deny_counter = f'counter name "{names.counter(NOT_ALLOWED)}"'
+    for set_name, networks, test in (
+        (names.denied, service.clients.deny, ""),
+        (names.allowed, service.clients.allow, "!= "),
+    ):
+        if not networks:
+            continue
+        elements = tuple(Element(set_name, (element_text(n),)) for n in collapse(networks))
+        sets.append((Set(set_name, addr_type, typeof=False, flags=("interval",)), elements))
+        client_rules.append(f"{ip} saddr {test}@{set_name} {deny_counter} {refuse}")
+    new_flow_rules: list[str] = []
+    limits = service.limits
+    if limits.client_new_flow_rate is not None:
+        rate = limits.client_new_flow_rate
+        buckets = Set(
+            names.client_buckets,
+            addr_type,
+            typeof=False,
+            flags=("dynamic", "timeout"),
+            timeout=CLIENT_BUCKET_TIMEOUT,
+            size=CLIENT_BUCKETS,
+        )
+        sets.append((buckets, ()))
+        new_flow_rules.append(
+            f"update @{names.client_buckets} {{ {ip} saddr {_over(rate)} }} "
+            f'counter name "{names.counter(CLIENT_RATE_LIMITED)}" {refuse}'
+        )
+    if limits.new_flow_rate is not None:
+        new_flow_rules.append(
+            f'{_over(limits.new_flow_rate)} counter name "{names.counter(RATE_LIMITED)}" {refuse}'
+        )
+    return Guard(
+        sets=tuple(sets),
+        counters=tuple(counters),
+        chains=tuple(chains),
+        client_rules=tuple(client_rules),
+        new_flow_rules=tuple(new_flow_rules),
+    )
+
+
+def _over(rate: int) -> str:
+    # A burst of one second's worth: a client opening its connections at once
+    # (a browser, a pool) is not refused for it.
+    return f"limit rate over {rate}/second burst {rate} packets"
