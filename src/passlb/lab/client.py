@@ -247,7 +247,7 @@ def ping(host: str, count: int = 1, timeout: float = 1.0) -> list[float | None]:
             payload = b"passlb-lab"
             header = struct.pack("!BBHHH", request_type, 0, 0, ident, seq)
             if not v6:  # the kernel fills in the ICMPv6 checksum itself (RFC 3542)
-                checksum = _internet_checksum(header + payload)
+                checksum = internet_checksum(header + payload)
                 header = struct.pack("!BBHHH", request_type, 0, checksum, ident, seq)
             sent_at = time.monotonic()
             sock.sendto(header + payload, (host, 0))
@@ -273,7 +273,7 @@ def _await_echo_reply(
     return None
 
 
-def _internet_checksum(data: bytes) -> int:
+def internet_checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
     total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
