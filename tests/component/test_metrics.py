@@ -34,7 +34,15 @@ def _doc(**backend_overrides: Any) -> dict[str, Any]:
     return {
         "version": "0.1.0",
         "uptime": 12.5,
-        "services": [{"name": "web", "dropped": 4, "dropping": False, "backends": [backend]}],
+        "services": [
+            {
+                "name": "web",
+                "dropped": 4,
+                "drops": {"no_backend": 4, "not_allowed": 9},
+                "dropping": False,
+                "backends": [backend],
+            }
+        ],
         "applies": 7,
         "apply_failures": 1,
         "reloads": 2,
@@ -69,6 +77,9 @@ def test_render_values_from_the_document() -> None:
     assert _value(samples, "passlb_backend_admin_state", state="enabled", **labels) == 0
     assert _value(samples, "passlb_service_dropped_packets_total", service="web") == 4
     assert _value(samples, "passlb_service_serving", service="web") == 1
+    drops = "passlb_service_drops_total"
+    assert _value(samples, drops, service="web", reason="not_allowed") == 9
+    assert _value(samples, drops, service="web", reason="no_backend") == 4
     assert _value(samples, "passlb_applies_total") == 7
     assert _value(samples, "passlb_apply_failures_total") == 1
     assert _value(samples, "passlb_reloads_total") == 2
