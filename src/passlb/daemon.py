@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from passlb.api.metrics import render_metrics
 from passlb.api.server import build_app, start_api
@@ -32,8 +32,9 @@ from passlb.api.views import StatusSnapshot, gather_counters, read_counters, sta
 from passlb.config import load_config
 from passlb.control.reconciler import ApplyRecord, Reconciler, assume_all_healthy
 from passlb.dataplane.base import Driver, Flow
+from passlb.dataplane.owner import DataplaneBusy, hold_dataplane
 from passlb.dataplane.proxy import new_event_loop
-from passlb.errors import ConfigError, DataplaneError
+from passlb.errors import ConfigError, DataplaneError, PasslbError
 from passlb.health.scheduler import HealthChecker, plan_checks
 from passlb.logs import log_event, setup_logging
 from passlb.model import AdminState, Config, Mode
@@ -42,6 +43,7 @@ from passlb.state import HealthStatus
 log = logging.getLogger("passlb.daemon")
 
 COUNTER_SAMPLE_INTERVAL = 1.0  # seconds between counter reads for the rates
+KERNEL_MODES = frozenset({Mode.DSR, Mode.NAT})  # the modes whose tables one daemon owns
 
 
 def detect_interfaces() -> tuple[str, ...]:
@@ -120,6 +122,8 @@ class Daemon:
             interfaces = detect_interfaces()
             log.info("interfaces not configured; detected %s", ",".join(interfaces))
         self.interfaces = interfaces
+        self._owned: IO[str] | None = None  # the data-plane lock, once a kernel mode is used
+        self._own_kernel_dataplane(config)
         self.drivers = build_drivers(config, interfaces)
         self.telemetry = Telemetry()
         self._last_apply_failed = False
@@ -134,6 +138,12 @@ class Daemon:
     @property
     def config(self) -> Config:
         return self.reconciler.config
+
+    def _own_kernel_dataplane(self, config: Config) -> None:
+        """Take this namespace's data-plane lock before a kernel driver exists
+        (DataplaneBusy names the daemon holding it); proxy-only configs need none."""
+        if self._owned is None and any(s.mode in KERNEL_MODES for s in config.services):
+            self._owned = hold_dataplane(config.api.listen, str(self.config_path))
 
     def _on_health(self, service: str, backend: str, status: HealthStatus) -> None:
         record = self.checker.record(service, backend)
@@ -219,12 +229,14 @@ class Daemon:
         self.last_reload = {"at": time.time(), "ok": False, "issues": []}
         self.telemetry.reloads += 1
         try:
-            config = load_config(self.config_path)
-            plan_checks(config)  # a check that cannot run rejects the file, before any change
+            config = read_config(self.config_path)
+            self._own_kernel_dataplane(config)  # a reload that adds dsr or nat
         except ConfigError as err:
             issues = [str(i) for i in err.issues]
         except OSError as err:
             issues = [f"{self.config_path}: {err.strerror}"]
+        except DataplaneBusy as err:
+            issues = [str(err)]
         else:
             issues = []
         if issues:
@@ -336,10 +348,15 @@ class Daemon:
             loop.add_signal_handler(sig, on_stop)
         loop.add_signal_handler(signal.SIGHUP, on_reload)
 
+        # The API first: an address in use stops the start before the kernel is written.
+        listen = self.config.api.listen
+        try:
+            api = await start_api(build_app(self, self.config.api.token), listen)
+        except OSError as err:
+            raise PasslbError(f"api.listen: cannot listen on {listen}: {err.strerror}") from None
+        log.info("admin API listening on %s", listen)
         # Off the loop: the first apply builds every ring (seconds at 100 services).
         await self.reconciler.apply_off_loop(full=True)
-        api = await start_api(build_app(self, self.config.api.token), self.config.api.listen)
-        log.info("admin API listening on %s", self.config.api.listen)
         await self.checker.update(self.config)
         reconcile = loop.create_task(self.reconciler.run(), name="reconciler")
         sampler = loop.create_task(self.sample_counters(), name="counter sampler")
@@ -356,6 +373,8 @@ class Daemon:
             for driver in self.drivers.values():
                 driver.close(cleanup=cleanup)
             log.info("stopped; kernel tables %s", "removed" if cleanup else "left forwarding")
+            if self._owned is not None:
+                self._owned.close()
 
 
 def raise_fd_limit() -> None:
@@ -367,8 +386,17 @@ def raise_fd_limit() -> None:
         log.info("open files limit raised from %d to %d", soft, hard)
 
 
+def read_config(path: str | Path) -> Config:
+    """The config as `passlb run` and a reload take it: load_config, the same
+    validation as `passlb check` (which covers every rule the health checker
+    applies), and the checks planned, all before anything is changed."""
+    config = load_config(path)
+    plan_checks(config)
+    return config
+
+
 def run_daemon(config_path: str, *, cleanup: bool = False) -> int:
-    config = load_config(config_path)
+    config = read_config(config_path)
     setup_logging(config.log_level, config.log_format)
     raise_fd_limit()
     daemon = Daemon(Path(config_path), config)

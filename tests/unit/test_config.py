@@ -155,6 +155,7 @@ snat = true
 
 [services.health]
 type = "tls"
+port = 443
 verify_tls = false
 
 [[services.backends]]
@@ -271,7 +272,7 @@ def test_every_field_reaches_the_model() -> None:
         ports=PortSet(all_ports=True),
         mode=Mode.NAT,
         backends=(Backend(address=ip_address("198.18.6.11")),),
-        health=HealthSpec(type=HealthType.TLS),
+        health=HealthSpec(type=HealthType.TLS, port=443),
         snat=True,
     )
     assert config == Config(
@@ -360,6 +361,7 @@ def test_example_addresses_stay_in_test_and_documentation_ranges() -> None:
 )
 def test_port_spellings(ports: str, expected: PortSet) -> None:
     text = MINIMAL.replace("ports = 80", f"ports = {ports}")
+    text += "[services.health]\nport = 80\n"  # the check's port when the service has all
     assert parse_config(text).services[0].ports == expected
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from passlb.config import _values as values
+from passlb.config._lines import FieldPath
 from passlb.config._reader import (
     Issues,
     Parser,
@@ -25,6 +26,7 @@ from passlb.config._reader import (
     number,
     text,
 )
+from passlb.health.target import missing_probe_port
 from passlb.model import (
     DEFAULT_POOL,
     DEFAULT_RING_SIZE,
@@ -283,7 +285,7 @@ def _service(table: Table, index: int, names: ServiceNames) -> Service | None:
 
     if name is None or vip is None or ports is None or mode is None:
         return None
-    return Service(
+    service = Service(
         name=name,
         vip=vip,
         protocol=protocol,
@@ -305,6 +307,26 @@ def _service(table: Table, index: int, names: ServiceNames) -> Service | None:
         limits=limits,
         deprecations=tuple(deprecations),
     )
+    _check_probe_ports(table, service, backends)
+    return service
+
+
+def _check_probe_ports(
+    table: Table, service: Service, backends: Sequence[tuple[int, Backend]]
+) -> None:
+    """A check that needs a port must find one (health.target.probe_port): the
+    daemon's checker uses the same rule, so a file `check` accepts never fails
+    at `run` after the kernel has been written."""
+    if service.mode is Mode.PROXY:
+        return  # listens on named ports only ('all' is refused above)
+    reported: set[FieldPath] = set()  # the service's check once, not for every backend
+    for position, backend in backends:
+        problem = missing_probe_port(service, backend)
+        own = backend.health is not None
+        where = (*table.at("backends"), position, "health") if own else table.at("health")
+        if problem is not None and where not in reported:
+            reported.add(where)
+            table.issues.add((*where, "port"), problem)
 
 
 def _ring_size(table: Table, backend_count: int) -> int:
@@ -578,6 +600,9 @@ def _proxy(
             service.problem("proxy_protocol", "also set in [services.proxy]; keep one")
         else:
             proxy_protocol = service.get("proxy_protocol", choice(ProxyProtocol), proxy_protocol)
+    if proxy_protocol is ProxyProtocol.V1 and "udp" in protocol.transports:
+        written = table if table.has("proxy_protocol") else service
+        written.problem("proxy_protocol", "v1 has no UDP form; use v2 for a udp service")
     return ProxyOptions(
         proxy_protocol=proxy_protocol,
         transparent=table.get("transparent", boolean, defaults.transparent),

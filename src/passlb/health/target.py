@@ -30,27 +30,36 @@ def health_path(service: Service, backend: Backend) -> str:
 def probe_target(service: Service, backend: Backend) -> ProbeTarget:
     """The address and port a backend's check connects to.
 
-    Port: the check's own port, else the backend's, else the port the service
-    maps to (target_port), else the service's first port. Address: the
-    backend's, except for a dsr check with probe_vip, which asks the VIP (the
-    address the backend really serves in dsr).
+    Address: the backend's, except for a dsr check with probe_vip, which asks
+    the VIP (the address the backend really serves in dsr). Port: probe_port;
+    ConfigError when the check needs one and there is none (the config loader
+    reports the same, with its line, through missing_probe_port).
     """
     spec = health_spec(service, backend)
     address = service.vip if service.mode is Mode.DSR and spec.probe_vip else backend.address
-    port = spec.port or backend.port or service.target_port or _first_port(service)
-    if port is None:
-        if spec.type not in _PORTLESS:
-            raise ConfigError(
-                [
-                    ConfigIssue(
-                        f"{health_path(service, backend)}.port",
-                        f"a {spec.type} check needs a port: the service covers all ports "
-                        "and the backend names none",
-                    )
-                ]
-            )
-        port = 0
-    return ProbeTarget(address, port)
+    problem = missing_probe_port(service, backend)
+    if problem is not None:
+        raise ConfigError([ConfigIssue(f"{health_path(service, backend)}.port", problem)])
+    return ProbeTarget(address, probe_port(service, backend) or 0)
+
+
+def probe_port(service: Service, backend: Backend) -> int | None:
+    """The check's own port, else the backend's, else the port the service
+    maps to (target_port), else the service's first port; None for a service
+    on all ports with none of these."""
+    spec = health_spec(service, backend)
+    return spec.port or backend.port or service.target_port or _first_port(service)
+
+
+def missing_probe_port(service: Service, backend: Backend) -> str | None:
+    """Why the backend's check cannot run for want of a port, or None when it can."""
+    spec = health_spec(service, backend)
+    if spec.type in _PORTLESS or probe_port(service, backend) is not None:
+        return None
+    return (
+        f"a {spec.type} check needs a port: the service covers all ports "
+        'and the backend names none; set the check\'s port (or type = "none")'
+    )
 
 
 def _first_port(service: Service) -> int | None:
