@@ -23,11 +23,6 @@ pytestmark = pytest.mark.kernel
 PASSLB = [sys.executable, "-m", "passlb.cli"]
 
 
-def passlb_tables(lab_run: object, ns: str) -> list[str]:
-    out = lab_run(ns, ["nft", "list", "tables"]).stdout  # type: ignore[operator]
-    return [line for line in out.splitlines() if "passlb" in line]
-
-
 def test_a_check_that_cannot_run_stops_run_before_the_kernel_is_written(
     make_lab: MakeLab, tmp_path: Path
 ) -> None:
@@ -44,7 +39,8 @@ def test_a_check_that_cannot_run_stops_run_before_the_kernel_is_written(
     assert checked.returncode == 3 and problem in checked.stderr
     assert ran.returncode == 3 and problem in ran.stderr, ran.stderr
     assert "apply" not in ran.stderr  # nothing was applied, nothing was logged as applied
-    assert passlb_tables(lab.run, lab.lb.ns) == []
+    tables = lab.run(lab.lb.ns, ["nft", "list", "tables"]).stdout
+    assert "passlb" not in tables
 
 
 def test_a_second_daemon_is_refused_and_a_killed_one_does_not_block_its_restart(
@@ -55,7 +51,8 @@ def test_a_second_daemon_is_refused_and_a_killed_one_does_not_block_its_restart(
     config.write_text(lab_config(lab, "dsr", [("web", "tcp", 80)], 'type = "none"'))
     first = start_daemon(lab, config, tmp_path / "first.log")
     before = lab.call(lab.lb.ns, status)
-    ring_before = lab.run(lab.lb.ns, ["nft", "-j", "list", "map", "netdev", DEFAULT_TABLE, "ring_web"])
+    list_ring = ["nft", "-j", "list", "map", "netdev", DEFAULT_TABLE, "ring_web"]
+    ring_before = lab.run(lab.lb.ns, list_ring)
 
     second = lab.run(lab.lb.ns, [*PASSLB, "run", str(config)], check=False, timeout=60)
 
@@ -67,7 +64,7 @@ def test_a_second_daemon_is_refused_and_a_killed_one_does_not_block_its_restart(
     assert "another passlb daemon runs the data plane of this network namespace" in second.stderr
     after = lab.call(lab.lb.ns, status)
     assert after["applies"] == before["applies"] and after["state"]["in_sync"]
-    ring_after = lab.run(lab.lb.ns, ["nft", "-j", "list", "map", "netdev", DEFAULT_TABLE, "ring_web"])
+    ring_after = lab.run(lab.lb.ns, list_ring)
     assert ring_after.stdout == ring_before.stdout
 
     os.kill(int(holder[0]), signal.SIGKILL)
