@@ -16,7 +16,7 @@ from passlb.control.explain import explain_flow
 from passlb.dataplane.nft.conntrack import CtEntry, CtFilter, FakeConntrack
 from passlb.dataplane.nft.fake import FakeNft
 from passlb.dataplane.nft.nat import NatDriver, backend_port
-from passlb.dataplane.nft.objects import Element
+from passlb.dataplane.nft.objects import Element, RingWrite
 from passlb.dataplane.nft.ruleset import Ruleset
 from passlb.dataplane.nft.testing import ports, service
 from passlb.dataplane.nft.transaction import Transaction
@@ -106,8 +106,7 @@ def resolve(rs: Ruleset, sd: ServiceDesired, src: str, sport: int, dport: int, p
         dport,
         L4PROTO[proto],
     )
-    bid = rs.elements[f"ring_{svc.name}"][(str(slot),)].value
-    assert bid is not None
+    bid = str(rs.rings[f"ring_{svc.name}"][slot])
     family = svc.vip.version
     for kind in ("endpoints", "backends"):
         found = rs.elements[f"{kind}{family}"].get((bid,))
@@ -199,7 +198,7 @@ def test_a_removed_backend_rewrites_only_its_ring_slots() -> None:
     drv.sync(after)
     assert fake.last is not None and before.services[0].ring and after.services[0].ring
     ring_writes = [
-        op for op in fake.last if isinstance(op.obj, Element) and op.obj.set == "ring_web"
+        op.obj for op in fake.last if isinstance(op.obj, RingWrite) and op.obj.set == "ring_web"
     ]
     moved = sum(
         1
@@ -208,7 +207,7 @@ def test_a_removed_backend_rewrites_only_its_ring_slots() -> None:
         != after.services[0].backends[after.services[0].ring[slot]].key
     )
     # Every slot that moved is one delete (old id) and one add (new id); nothing else.
-    assert len(ring_writes) == 2 * moved
+    assert sum(len(w) for w in ring_writes) == 2 * moved
     assert 250 < moved < 420  # about a third: the removed backend's share
     # Slots that stayed keep their id: established mapping of the others is untouched.
     rs = fake.ruleset(drv.table)
@@ -239,7 +238,7 @@ def test_adopt_keeps_ids_and_does_not_flush_the_ring() -> None:
     assert fake.last is not None
     deleted = [op for op in fake.last if op.verb == "delete"]
     assert deleted == []
-    assert not any(isinstance(op.obj, Element) for op in fake.last)
+    assert not any(isinstance(op.obj, Element | RingWrite) for op in fake.last)
 
 
 def test_an_unknown_mark_in_conntrack_is_not_reused_after_adoption() -> None:
@@ -247,8 +246,8 @@ def test_an_unknown_mark_in_conntrack_is_not_reused_after_adoption() -> None:
     ct = FakeConntrack([_udp_entry(5555, B[0], mark=7)])
     drv = driver(fake, ct)
     drv.sync(state(nat("dns", B[:1], protocol=Protocol.UDP, port_set=ports(53))))
-    values = {e.value for e in fake.ruleset(drv.table).elements["ring_dns"].values()}
-    assert values == {"8"}
+    values = set(fake.ruleset(drv.table).rings["ring_dns"])
+    assert values and 7 not in values
 
 
 # -- conntrack semantics ------------------------------------------------------------
@@ -299,8 +298,8 @@ def test_drain_keeps_flows_until_the_deadline_then_cuts_only_that_backend() -> N
     drv.sync(sd)
     assert sorted(e.reply_src for e in ct.deleted) == [ip_address(B[0])] * 2
     assert len(ct.table) == 4
-    ring_ids = {e.value for e in fake.ruleset(drv.table).elements["ring_web"].values()}
-    assert str(ids[B[0]]) not in ring_ids  # no new flow from the moment of the drain
+    ring_ids = set(fake.ruleset(drv.table).rings["ring_web"])
+    assert ids[B[0]] not in ring_ids  # no new flow from the moment of the drain
 
 
 def test_a_removed_backend_loses_its_udp_flows_at_once_but_not_its_tcp_flows() -> None:

@@ -33,36 +33,24 @@ key hashes the client address: `jhash ip6 saddr mod 0xffffffff seed S . sport . 
 from __future__ import annotations
 
 import collections
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
-from passlb.dataplane.nft.counters import service_counters
-from passlb.dataplane.nft.names import ServiceNames, check_services, ident
+from passlb.dataplane.base import Flow
+from passlb.dataplane.nft.driver import NftDriver, RingCache, was_cut
+from passlb.dataplane.nft.ids import Owner, owner_comment
+from passlb.dataplane.nft.names import ServiceNames, ident
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
-from passlb.dataplane.nft.ruleset import (
-    NftBackend,
-    Ruleset,
-    converge,
-    delete_table,
-    same_declaration,
-)
+from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, same_declaration
 from passlb.dataplane.nft.transaction import Transaction
 from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import hash_fields
-from passlb.hashing.maglev import Ring
 from passlb.model import IPAddress, PortSet
-from passlb.state import BackendDesired, DesiredState, ServiceDesired
+from passlb.state import DesiredState, ServiceDesired
 
 DEFAULT_TABLE = "passlb"
 INGRESS_PRIORITY = -100  # before the default-priority (0) ingress filters of the host
 CLIENT_HASH_MOD = 0xFFFFFFFF  # IPv6 flow key: the client address hashed to 32 bits
-
-# Element comments on backends4/6 name the owner of each id: "<service>/<backend key>".
-# Backend keys never hold "/", so the last "/" splits them.
-_OWNER_SEP = "/"
 
 
 def _family(address: IPAddress) -> int:
@@ -134,52 +122,18 @@ def _seconds(value: float) -> str:
     return f"{max(1, round(value))}s"
 
 
-# ring map name -> (ring, backend ids, elements)
-RingCache = dict[str, tuple[Ring, tuple[int, ...], dict[tuple[str, ...], Element]]]
-
-
-def ring_elements(
-    name: str, ring: Ring, backend_ids: Sequence[int], cache: RingCache | None
-) -> dict[tuple[str, ...], Element]:
-    """slot -> backend id elements of a ring map, reused from `cache` when unchanged.
-
-    When only some slots changed, the unchanged slots keep their Element
-    objects, so converge compares them by identity (a ring change after a
-    health event rewrites a third of 65,537 slots, not all of them).
-    """
-    ids = tuple(backend_ids)
-    values = [str(bid) for bid in ids]
-    previous = cache.get(name) if cache is not None else None
-    if previous is not None and previous[1] == ids and len(previous[0]) == len(ring):
-        if previous[0] == ring:
-            return previous[2]
-        elements = dict(previous[2])
-        slots = ring.slots
-        for slot in ring.diff(previous[0]):
-            elements[(str(slot),)] = Element(name, (str(slot),), values[slots[slot]])
-    else:
-        elements = {
-            (str(slot),): Element(name, (str(slot),), values[idx])
-            for slot, idx in enumerate(ring.slots)
-        }
-    if cache is not None:
-        cache[name] = (ring, ids, elements)
-    return elements
-
-
 def render(
     desired: DesiredState,
-    ids: dict[tuple[str, str], int],
+    ids: dict[Owner, int],
     interfaces: Sequence[str],
     table: Table,
-    ring_cache: RingCache | None = None,
+    rings: RingCache | None = None,
 ) -> Ruleset:
     """The whole dsr table for `desired`; `ids` holds an id for every backend it names.
 
-    `ring_cache` keeps ring elements between calls: a ring that did not change
-    comes back as the very same dict, which `converge` skips without comparing
-    its (up to 65,537) elements.
+    `rings` keeps ring contents between calls (see RingCache).
     """
+    rings = rings if rings is not None else RingCache()
     rs = Ruleset(table)
     for family in (4, 6):
         ip = _ip(family)
@@ -210,7 +164,7 @@ def render(
             )
         backend_ids = [ids[(svc.name, b.key)] for b in sd.backends]
         for b, bid in zip(sd.backends, backend_ids, strict=True):
-            owner = f"{svc.name}{_OWNER_SEP}{b.key}"
+            owner = owner_comment((svc.name, b.key))
             # `jump`, not `goto`: should a backend chain not forward (it always does), the
             # packet returns to the service chain's next rule, never to the base chain's
             # accept (delivery to the load balancer itself).
@@ -222,8 +176,10 @@ def render(
             rs.add_counter(Counter(f"new_{bid}", comment=owner))
             new.append(Element("newflows", (str(bid),), f'"new_{bid}"'))
         if sd.ring is not None:
-            rs.sets[names.ring] = Set(names.ring, _ring_key_expr(sd), "meta mark", comment=svc.name)
-            rs.elements[names.ring] = ring_elements(names.ring, sd.ring, backend_ids, ring_cache)
+            rs.add_ring(
+                Set(names.ring, _ring_key_expr(sd), "meta mark", comment=svc.name),
+                rings.values(names.ring, sd.ring, backend_ids),
+            )
     rs.add_set(Set("newflows", "mark", "counter", typeof=False), new)
     for interface in interfaces:
         rs.add_chain(
@@ -245,38 +201,11 @@ def render(
     return rs
 
 
-@dataclass
-class _Owners:
-    """Backend ids: who holds which, and which are held back by leftover flow entries."""
-
-    ids: dict[tuple[str, str], int] = field(default_factory=dict)  # (service, key) -> id
-    reserved: set[int] = field(default_factory=set)
-
-    def owner(self, bid: int) -> tuple[str, str] | None:
-        return next((o for o, i in self.ids.items() if i == bid), None)
-
-    def assign(self, wanted: Iterable[tuple[str, str]]) -> set[int]:
-        """Give every wanted owner an id; forget the others. Returns the ids let go."""
-        wanted = list(wanted)
-        keep = set(wanted)
-        released = {i for o, i in self.ids.items() if o not in keep}
-        self.ids = {o: i for o, i in self.ids.items() if o in keep}
-        taken = set(self.ids.values()) | self.reserved | released
-        next_id = 1
-        for owner in wanted:
-            if owner in self.ids:
-                continue
-            while next_id in taken:
-                next_id += 1
-            self.ids[owner] = next_id
-            taken.add(next_id)
-        return released
-
-
-class DsrDriver:
+class DsrDriver(NftDriver):
     """Driver "dsr": see the module docstring for the table it keeps."""
 
     name = "dsr"
+    owner_maps = ("backends4", "backends6")
 
     def __init__(
         self,
@@ -287,46 +216,26 @@ class DsrDriver:
     ) -> None:
         if not interfaces:
             raise DataplaneError("the dsr driver needs at least one interface")
-        if nft is None:
-            from passlb.dataplane.nft.runner import NftRunner  # the real kernel by default
-
-            nft = NftRunner()
+        super().__init__(nft, Table("netdev", table, comment="passlb dsr"))
         self.interfaces = tuple(interfaces)
-        self.nft = nft
-        self.table = Table("netdev", table, comment="passlb dsr")
-        self._owners = _Owners()
-        self._adopted = False
-        self._applied: Ruleset | None = None  # what the kernel holds, when we are sure
-        self._desired: DesiredState | None = None
-        self._ring_cache: RingCache = {}
 
-    # -- sync -----------------------------------------------------------------------
+    def render(self, desired: DesiredState) -> Ruleset:
+        return render(desired, self.ids.ids, self.interfaces, self.table, self.rings)
 
-    def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
-        started = time.monotonic()
-        check_services(desired)
-        full = full or self._applied is None
-        current = self.nft.read(self.table) if full else self._applied
-        if not self._adopted:
-            self._adopt(current)
-        released = self._owners.assign(
-            (sd.service.name, b.key) for sd in desired.services for b in sd.backends
-        )
-        rendered = render(desired, self._owners.ids, self.interfaces, self.table, self._ring_cache)
-        tx = converge(current, rendered, rewrite_rules=full)
-        cuts = self._flow_cuts(desired, current, rendered, released, full)
-        try:
-            written, cut = self._apply(tx, cuts)
-        except DataplaneError:
-            self._applied = None  # the next sync re-reads the kernel and rewrites everything
-            raise
-        self._applied = rendered if cut else None
-        self._desired = desired
-        return ApplyResult(full=full, operations=written, duration=time.monotonic() - started)
+    # -- flow cuts --------------------------------------------------------------------
 
-    def _apply(self, tx: Transaction, cuts: list[Element]) -> tuple[int, bool]:
+    def write(
+        self,
+        desired: DesiredState,
+        current: Ruleset | None,
+        rendered: Ruleset,
+        tx: Transaction,
+        released: dict[Owner, int],
+        full: bool,
+    ) -> tuple[int, bool]:
         """Apply `tx` with the flow cuts in the same transaction, or without them if that
         fails. Returns the operations written and whether the cuts were made."""
+        cuts = self._flow_cuts(desired, current, rendered, bool(released), full)
         if not cuts:
             self.nft.apply(tx)
             return len(tx), True
@@ -340,42 +249,32 @@ class DsrDriver:
         except DataplaneError:
             # A flow table at its size limit refuses the add half of an add+delete
             # pair; apply the state without the cuts, the next (full) sync retries them.
-            self._owners.reserved |= {int(e.value or 0) for e in cuts}
+            self.ids.held |= {int(e.value or 0) for e in cuts}
             self.nft.apply(tx)
             return len(tx), False
-
-    def _adopt(self, current: Ruleset | None) -> None:
-        """Recover backend ids from a table a previous run left (kept forwarding meanwhile)."""
-        self._adopted = True
-        if current is None:
-            return
-        for family in (4, 6):
-            for elem in current.elements.get(f"backends{family}", {}).values():
-                if elem.comment and _OWNER_SEP in elem.comment:
-                    svc, key = elem.comment.rsplit(_OWNER_SEP, 1)
-                    self._owners.ids[(svc, key)] = int(elem.key[0])
 
     def _flow_cuts(
         self,
         desired: DesiredState,
         current: Ruleset | None,
         rendered: Ruleset,
-        released: set[int],
+        released: bool,
         full: bool,
     ) -> list[Element]:
-        """Flow entries to delete: of cut backends, of backends gone, of unknown ids."""
+        """Flow entries to delete: of cut backends, of backends gone, of unknown ids.
+        Ids that entries still name stay held; the others are free again."""
         previous = self._desired
+        ids = self.ids.ids
         cuts: list[Element] = []
-        live = set(self._owners.ids.values())
-        still_reserved: set[int] = set()
+        still_held: set[int] = set()
         for sd in desired.services:
             names = ServiceNames.of(sd.service.name)
             cut_ids = {
-                self._owners.ids[(sd.service.name, b.key)]
+                ids[(sd.service.name, b.key)]
                 for b in sd.backends
-                if b.cut_flows and (full or not _was_cut(previous, sd.service.name, b))
+                if b.cut_flows and (full or not was_cut(previous, sd.service.name, b))
             }
-            if not (cut_ids or released or full or self._owners.reserved):
+            if not (cut_ids or released or full or self.ids.held):
                 continue
             for transport in sd.service.protocol.transports:
                 flows = names.flows(transport)
@@ -385,34 +284,37 @@ class DsrDriver:
                     continue  # a new or re-declared flow table holds nothing to cut
                 for elem in self.nft.read_elements(self.table, flows):
                     bid = int(elem.value or 0)
-                    if bid in cut_ids or bid not in live:
+                    live = self.ids.owner(bid) is not None
+                    if bid in cut_ids or not live:
                         cuts.append(Element(flows, elem.key, elem.value))
-                        if bid not in live:
-                            still_reserved.add(bid)
-        self._owners.reserved = still_reserved
+                        if not live:
+                            still_held.add(bid)
+        self.ids.held = still_held
         return cuts
 
     # -- reads ----------------------------------------------------------------------
 
-    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
-        services = self._known_services()
-        active: dict[int, int] = {}
-        for sd in services if active_flows else ():
-            active.update(self._active_flows(sd))
-        return service_counters(
-            services, self._owners.ids, self.nft.read_counters(self.table), active
-        )
+    def active_flows(self, services: Sequence[ServiceDesired]) -> dict[int, int]:
+        counts: collections.Counter[int] = collections.Counter()
+        for sd in services:
+            for transport in sd.service.protocol.transports:
+                counts.update(
+                    self.nft.count_marks(
+                        self.table, ServiceNames.of(sd.service.name).flows(transport)
+                    )
+                )
+        return dict(counts)
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
         found: list[Flow] = []
-        for sd in self._known_services():
+        for sd in self.known_services():
             svc = sd.service
             if service is not None and svc.name != service:
                 continue
             names = ServiceNames.of(svc.name)
             for transport in svc.protocol.transports:
                 for elem in self._flow_entries(names.flows(transport)):
-                    owner = self._owners.owner(int(elem.value or 0))
+                    owner = self.ids.owner(int(elem.value or 0))
                     if owner is None or owner[0] != svc.name:
                         continue  # an entry of a backend already gone
                     if backend is not None and owner[1] != backend:
@@ -420,42 +322,10 @@ class DsrDriver:
                     found.append(_decode_flow(svc.name, owner[1], transport, svc.vip, elem))
         return found
 
-    def _known_services(self) -> tuple[ServiceDesired, ...]:
-        return self._desired.services if self._desired is not None else ()
-
-    def _active_flows(self, sd: ServiceDesired) -> dict[int, int]:
-        counts: collections.Counter[int] = collections.Counter()
-        for transport in sd.service.protocol.transports:
-            counts.update(
-                self.nft.count_marks(self.table, ServiceNames.of(sd.service.name).flows(transport))
-            )
-        return dict(counts)
-
     def _flow_entries(self, flows: str) -> list[Element]:
         if self._applied is not None and flows not in self._applied.sets:
             return []
         return self.nft.read_elements(self.table, flows)
-
-    # -- teardown -------------------------------------------------------------------
-
-    def close(self, *, cleanup: bool = False) -> None:
-        if cleanup:
-            self.cleanup()
-        self._applied = None
-
-    def cleanup(self) -> None:
-        """Delete the whole table (forwarding stops; flow tables are gone)."""
-        delete_table(self.nft, self.table)
-        self._applied = None
-        self._desired = None
-
-
-def _was_cut(previous: DesiredState | None, service: str, b: BackendDesired) -> bool:
-    if previous is None:
-        return False
-    sd = previous.service(service)
-    before = sd.backend(b.key) if sd is not None else None
-    return before is not None and before.cut_flows
 
 
 def _decode_flow(service: str, backend: str, transport: str, vip: IPAddress, elem: Element) -> Flow:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import collections
 import re
+from array import array
 
 from passlb.dataplane.nft.objects import (
     Chain,
     Counter,
     CounterValue,
     Element,
+    RingWrite,
     Rule,
     Set,
     Table,
@@ -66,6 +68,8 @@ class FakeNft:
 
     def count_marks(self, table: Table, map_name: str) -> dict[int, int]:
         rs = self.tables.get(_key(table))
+        if rs is not None and map_name in rs.rings:
+            return dict(collections.Counter(v for v in rs.rings[map_name] if v))
         elements = rs.elements.get(map_name, {}) if rs is not None else {}
         return dict(collections.Counter(int(e.value or 0) for e in elements.values()))
 
@@ -92,6 +96,10 @@ class FakeNft:
             tx.add(rs.sets[name])
             for elem in sorted(rs.elements[name].values(), key=lambda e: _natural(e.key)):
                 tx.add(elem)
+            if name in rs.rings:
+                for slot, value in enumerate(rs.rings[name]):
+                    if value:
+                        tx.add(Element(name, (str(slot),), str(value)))
         for name in sorted(rs.chains):
             for rule in rs.rules[name]:
                 tx.add(rule)
@@ -142,6 +150,31 @@ class _Apply:
             self.counter_op(verb, obj)
         elif isinstance(obj, Element):
             self.element_op(verb, obj)
+        elif isinstance(obj, RingWrite):
+            self.ring_op(obj)
+
+    def ring_op(self, write: RingWrite) -> None:
+        rs = self.rs()
+        s = rs.sets.get(write.set)
+        if s is None or not s.is_map:
+            self.fail(f"No such file or directory: map {write.set}")
+            return
+        if rs.elements[write.set]:
+            self.fail(f"Invalid argument: {write.set} holds elements, not ring slots")
+        ring = array("I", rs.rings.get(write.set, ()))
+        for slot in write.deleted:
+            if slot >= len(ring) or not ring[slot]:
+                self.fail(f"No such file or directory: element {slot} of {write.set}")
+            ring[slot] = 0
+        for slot, value in zip(write.added, write.values, strict=True):
+            if slot >= len(ring):
+                ring.extend([0] * (slot + 1 - len(ring)))
+            if ring[slot] and ring[slot] != value:
+                self.fail(f"File exists: element {slot} of {write.set}")
+            ring[slot] = value
+        if s.size is not None and sum(1 for v in ring if v) > s.size:
+            self.fail(f"Too many open files in system: set {write.set} is full ({s.size})")
+        rs.rings[write.set] = ring
 
     def table_op(self, verb: Verb) -> None:
         key = _key(self.table)
@@ -213,11 +246,13 @@ class _Apply:
             self.fail(f"No such file or directory: set {s.name}")
         if verb is Verb.FLUSH:
             rs.elements[s.name].clear()
+            rs.rings.pop(s.name, None)
             return
         for rules in rs.rules.values():
             if any(s.name in _SET_REF.findall(r.rule) for r in rules):
                 self.fail(f"Device or resource busy: set {s.name} is used by a rule")
         del rs.sets[s.name], rs.elements[s.name]
+        rs.rings.pop(s.name, None)
 
     def counter_op(self, verb: Verb, counter: Counter) -> None:
         rs = self.rs()

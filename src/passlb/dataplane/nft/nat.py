@@ -29,21 +29,22 @@ still carry its mark).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
+from passlb.dataplane.base import Flow
 from passlb.dataplane.nft.conntrack import (
     ConntrackTable,
     CtEntry,
     CtFilter,
     NetlinkConntrack,
 )
-from passlb.dataplane.nft.counters import service_counters
-from passlb.dataplane.nft.names import ServiceNames, check_services
+from passlb.dataplane.nft.driver import NftDriver, RingCache, was_cut
+from passlb.dataplane.nft.ids import Owner, owner_comment
+from passlb.dataplane.nft.names import ServiceNames
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
-from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge, delete_table
+from passlb.dataplane.nft.ruleset import NftBackend, Ruleset
+from passlb.dataplane.nft.transaction import Transaction
 from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import hash_fields
 from passlb.model import PortSet
@@ -56,12 +57,7 @@ DSTNAT_PRIORITY = -100  # nft's "dstnat": after conntrack (-200), before routing
 SRCNAT_PRIORITY = 100  # nft's "srcnat"
 FORWARD_PRIORITY = 0
 
-# Element comments on backends/endpoints maps name each id's owner: "<service>/<backend key>".
-# Backend keys never hold "/", so the last "/" splits them.
-_OWNER_SEP = "/"
 _TARGET_MAPS = ("backends4", "backends6", "endpoints4", "endpoints6")
-
-Owner = tuple[str, str]  # (service name, backend key)
 
 
 def _ip(family: int) -> str:
@@ -113,8 +109,14 @@ def _service_rules(sd: ServiceDesired, names: ServiceNames) -> list[str]:
     return rules
 
 
-def render(desired: DesiredState, ids: dict[Owner, int], table: Table) -> Ruleset:
-    """The whole nat table for `desired`; `ids` holds an id for every backend it names."""
+def render(
+    desired: DesiredState, ids: dict[Owner, int], table: Table, rings: RingCache | None = None
+) -> Ruleset:
+    """The whole nat table for `desired`; `ids` holds an id for every backend it names.
+
+    `rings` keeps ring contents between calls (see RingCache).
+    """
+    rings = rings if rings is not None else RingCache()
     rs = Ruleset(table)
     vips: dict[int, set[str]] = {4: set(), 6: set()}
     hairpin: dict[int, set[str]] = {4: set(), 6: set()}
@@ -137,7 +139,7 @@ def render(desired: DesiredState, ids: dict[Owner, int], table: Table) -> Rulese
         target_map = _targets(sd)
         for b in sd.backends:
             bid = ids[(svc.name, b.key)]
-            owner = f"{svc.name}{_OWNER_SEP}{b.key}"
+            owner = owner_comment((svc.name, b.key))
             mapped = backend_port(sd, b)
             value = str(b.address) if mapped is None else f"{b.address} . {mapped}"
             targets[target_map].append(Element(target_map, (str(bid),), value, comment=owner))
@@ -149,13 +151,9 @@ def render(desired: DesiredState, ids: dict[Owner, int], table: Table) -> Rulese
             if svc.snat:
                 snat_ids.append(Element("snat_ids", (str(bid),)))
         if sd.ring is not None:
-            values = [str(ids[(svc.name, b.key)]) for b in sd.backends]
-            rs.add_set(
+            rs.add_ring(
                 Set(names.ring, _ring_key_expr(sd), "ct mark", comment=svc.name),
-                [
-                    Element(names.ring, (str(slot),), values[idx])
-                    for slot, idx in enumerate(sd.ring.slots)
-                ],
+                rings.values(names.ring, sd.ring, [ids[(svc.name, b.key)] for b in sd.backends]),
             )
     for family in (4, 6):
         addr = _addr_type(family)
@@ -256,7 +254,7 @@ def plan_cuts(
         svc = sd.service
         family = svc.vip.version
         for b in sd.backends:
-            if b.cut_flows and (full or not _was_cut(previous, svc.name, b)):
+            if b.cut_flows and (full or not was_cut(previous, svc.name, b)):
                 cuts.append(
                     Cut(
                         CtFilter(family, mark=ids[(svc.name, b.key)], dst=svc.vip),
@@ -285,49 +283,11 @@ def plan_cuts(
     return cuts
 
 
-def _was_cut(previous: DesiredState | None, service: str, b: BackendDesired) -> bool:
-    if previous is None:
-        return False
-    sd = previous.service(service)
-    before = sd.backend(b.key) if sd is not None else None
-    return before is not None and before.cut_flows
-
-
-# -- backend ids -------------------------------------------------------------------
-
-
-@dataclass
-class _BackendIds:
-    """Backend ids (ct marks): stable per owner, never handed out twice in a run."""
-
-    ids: dict[Owner, int] = field(default_factory=dict)
-    taken: set[int] = field(default_factory=set)  # every id in use, or seen in conntrack
-
-    def assign(self, wanted: Iterable[Owner]) -> dict[Owner, int]:
-        """Give every wanted owner an id; forget the others. Returns the ids let go."""
-        wanted = list(wanted)
-        keep = set(wanted)
-        released = {o: i for o, i in self.ids.items() if o not in keep}
-        self.ids = {o: i for o, i in self.ids.items() if o in keep}
-        next_id = max(self.taken, default=0) + 1
-        for owner in wanted:
-            if owner not in self.ids:
-                self.ids[owner] = next_id
-                self.taken.add(next_id)
-                next_id += 1
-        return released
-
-    def owner(self, bid: int) -> Owner | None:
-        return next((o for o, i in self.ids.items() if i == bid), None)
-
-
-# -- the driver ----------------------------------------------------------------------
-
-
-class NatDriver:
+class NatDriver(NftDriver):
     """Driver "nat": see the module docstring for the table it keeps."""
 
     name = "nat"
+    owner_maps = _TARGET_MAPS
 
     def __init__(
         self,
@@ -336,50 +296,37 @@ class NatDriver:
         *,
         table: str = DEFAULT_TABLE,
     ) -> None:
-        if nft is None:
-            from passlb.dataplane.nft.runner import NftRunner  # the real kernel by default
-
-            nft = NftRunner()
-        self.nft = nft
+        super().__init__(nft, Table("inet", table, comment="passlb nat"))
         self.conntrack: ConntrackTable = conntrack if conntrack is not None else NetlinkConntrack()
-        self.table = Table("inet", table, comment="passlb nat")
-        self._ids = _BackendIds()
-        self._adopted = False
-        self._applied: Ruleset | None = None  # what the kernel holds, when we are sure
-        self._desired: DesiredState | None = None
         self._pending: list[Cut] = []  # cuts that failed: retried on the next sync
 
-    # -- sync -----------------------------------------------------------------------
+    def render(self, desired: DesiredState) -> Ruleset:
+        return render(desired, self.ids.ids, self.table, self.rings)
 
-    def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
-        started = time.monotonic()
-        check_services(desired)
-        full = full or self._applied is None
-        current = self.nft.read(self.table) if full else self._applied
-        if not self._adopted:
-            self._adopt(current)
-        released = self._ids.assign(
-            (sd.service.name, b.key) for sd in desired.services for b in sd.backends
-        )
-        rendered = render(desired, self._ids.ids, self.table)
-        tx = converge(current, rendered, rewrite_rules=full)
+    def write(
+        self,
+        desired: DesiredState,
+        current: Ruleset | None,
+        rendered: Ruleset,
+        tx: Transaction,
+        released: dict[Owner, int],
+        full: bool,
+    ) -> tuple[int, bool]:
         rings_before = _services_with_ring(current, desired)
         cuts = self._pending + plan_cuts(
-            self._desired, desired, self._ids.ids, released, rings_before, full
+            self._desired, desired, self.ids.ids, released, rings_before, full
         )
         try:
             self.nft.apply(tx)
         except DataplaneError:
-            self._applied = None  # the next sync re-reads the kernel and rewrites everything
             self._pending = cuts
             raise
-        self._applied = rendered
         self._desired = desired
         # After the transaction: the ring no longer sends new flows where the cut
         # entries pointed, so the next packet of a cut flow is balanced afresh.
         self._pending = []
         self._cut(cuts)
-        return ApplyResult(full=full, operations=len(tx), duration=time.monotonic() - started)
+        return len(tx), True
 
     def _cut(self, cuts: list[Cut]) -> None:
         for index, cut in enumerate(cuts):
@@ -387,37 +334,36 @@ class NatDriver:
                 gone = self.conntrack.delete(self.conntrack.entries(cut.where))
             except DataplaneError:
                 self._pending = cuts[index:]
-                self._applied = None
                 raise
             if gone:
                 log.info("conntrack: %s (%d entries)", cut.reason, gone)
 
-    def _adopt(self, current: Ruleset | None) -> None:
-        """Recover backend ids from a table a previous run left (kept forwarding meanwhile)."""
-        self._adopted = True
-        if current is not None:
-            for name in _TARGET_MAPS:
-                for elem in current.elements.get(name, {}).values():
-                    if elem.comment and _OWNER_SEP in elem.comment:
-                        svc, key = elem.comment.rsplit(_OWNER_SEP, 1)
-                        self._ids.ids[(svc, key)] = int(elem.key[0])
-        # Marks of live flows stay taken: a new backend must not inherit the flows
-        # (and counters) of one removed before the restart.
-        self._ids.taken |= set(self._ids.ids.values())
+    def adopted(self, current: Ruleset | None) -> None:
+        # Marks of live flows stay held: a new backend must not inherit the flows
+        # (and counters) of one removed before the restart. Within a run every id
+        # let go stays held too (nothing tells when its TCP flows end).
         for family in (4, 6):
-            self._ids.taken |= {e.mark for e in self.conntrack.entries(CtFilter(family))}
+            self.ids.held |= {e.mark for e in self.conntrack.entries(CtFilter(family))}
+        self.ids.held -= set(self.ids.ids.values())
 
     # -- reads ----------------------------------------------------------------------
 
-    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
-        values = self.nft.read_counters(self.table)
-        active = self._active_by_mark() if active_flows else {}
-        return service_counters(self._known_services(), self._ids.ids, values, active)
+    def active_flows(self, services: Sequence[ServiceDesired]) -> dict[int, int]:
+        """Conntrack entries per backend id, of flows to a VIP this driver serves.
+        Counted, not listed: a connection-rate burst leaves tens of thousands of
+        TIME_WAIT entries behind."""
+        vips = {sd.service.vip for sd in services}
+        counts: dict[int, int] = {}
+        for family in sorted({v.version for v in vips}):
+            for (mark, dst), n in self.conntrack.count(family).items():
+                if self.ids.owner(mark) is not None and dst in vips:
+                    counts[mark] = counts.get(mark, 0) + n
+        return counts
 
     def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
         found: list[Flow] = []
         for entry in self._our_entries():
-            owner = self._ids.owner(entry.mark)
+            owner = self.ids.owner(entry.mark)
             if owner is None:
                 continue
             if (service is not None and owner[0] != service) or (
@@ -438,47 +384,16 @@ class NatDriver:
             )
         return found
 
-    def _known_services(self) -> tuple[ServiceDesired, ...]:
-        return self._desired.services if self._desired is not None else ()
-
     def _our_entries(self) -> list[CtEntry]:
         """Conntrack entries of the flows this driver balanced (to a VIP it serves)."""
-        vips = {sd.service.vip for sd in self._known_services()}
+        vips = {sd.service.vip for sd in self.known_services()}
         families = sorted({v.version for v in vips})
-        marks = set(self._ids.ids.values())
         return [
             e
             for family in families
             for e in self.conntrack.entries(CtFilter(family))
-            if e.mark in marks and e.dst in vips
+            if self.ids.owner(e.mark) is not None and e.dst in vips
         ]
-
-    def _active_by_mark(self) -> dict[int, int]:
-        """Conntrack entries per backend id, of flows to a VIP this driver serves.
-        Counted, not listed: a connection-rate burst leaves tens of thousands of
-        TIME_WAIT entries behind."""
-        vips = {sd.service.vip for sd in self._known_services()}
-        marks = set(self._ids.ids.values())
-        counts: dict[int, int] = {}
-        for family in sorted({v.version for v in vips}):
-            for (mark, dst), n in self.conntrack.count(family).items():
-                if mark in marks and dst in vips:
-                    counts[mark] = counts.get(mark, 0) + n
-        return counts
-
-    # -- teardown -------------------------------------------------------------------
-
-    def close(self, *, cleanup: bool = False) -> None:
-        if cleanup:
-            self.cleanup()
-        self._applied = None
-
-    def cleanup(self) -> None:
-        """Delete the whole table. New flows are no longer balanced; established ones
-        keep their DNAT binding in conntrack until they end."""
-        delete_table(self.nft, self.table)
-        self._applied = None
-        self._desired = None
 
 
 def _services_with_ring(current: Ruleset | None, desired: DesiredState) -> set[str]:

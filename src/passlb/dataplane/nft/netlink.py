@@ -33,14 +33,17 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from passlb.dataplane.nft.nlmsg import (
+    HEADER,
     NETLINK_NETFILTER,
+    NLMSG_ERROR,
     NetlinkError,
     attr,
     attrs,
     dump_request,
     message_spans,
 )
-from passlb.dataplane.nft.objects import CounterValue
+from passlb.dataplane.nft.objects import CounterValue, RingValues, RingWrite
+from passlb.dataplane.nft.setelem import ring_batch, ring_from_dump
 from passlb.errors import DataplaneError
 
 NFNL_SUBSYS_NFTABLES = 10
@@ -58,6 +61,8 @@ NFTA_SET_ELEM_DATA = 2
 NFTA_DATA_VALUE = 1
 
 REPLY_TIMEOUT = 5.0  # seconds; the kernel answers a dump at once
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SOL_NETLINK, NETLINK_CAP_ACK = 270, 10  # acknowledgements without the request echoed back
 FAMILIES = {"ip": 2, "ip6": 10, "inet": 1, "netdev": 5, "arp": 3, "bridge": 7}
 _CLONE_NEWNET = 0x40000000
 _seq = itertools.count(1)
@@ -189,6 +194,42 @@ class NetlinkReader:
         parts = self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
         return mark_values_from(parts)
 
+    def ring(self, family: str, table: str, set_name: str) -> RingValues:
+        """slot -> id of a ring map (0 where a slot has no element)."""
+        attributes = attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+        attributes += attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+        return ring_from_dump(
+            self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
+        )
+
+    def write_rings(
+        self, family: str, table: str, writes: list[RingWrite], *, wake: bool = True
+    ) -> None:
+        """Write ring slots (and clear a dormant flag) in one nfnetlink batch: one
+        transaction, all or nothing. Raises DataplaneError naming what was refused."""
+        first = next(_seq)
+        messages, labels = ring_batch(FAMILIES[family], table, writes, first, wake=wake)
+        for _ in range(len(messages)):  # keep the sequence numbers of this socket unique
+            next(_seq)
+        batch = b"".join(messages)
+        acked = first + len(labels)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(batch) + (1 << 16))
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            self._sock.send(batch)
+            done = False
+            while not done:
+                failed, done = _batch_reply(self._sock.recv(1 << 16), first, acked)
+                if failed is not None:
+                    seq, code = failed
+                    what = labels[seq - first - 1] if first < seq <= acked else "the commit"
+                    raise DataplaneError(
+                        f"nfnetlink: table {table}: the kernel refused {what}: "
+                        f"{os.strerror(code)} (nothing of this change was applied)"
+                    )
+        except OSError as e:
+            raise DataplaneError(f"nfnetlink: writing to table {table}: {e}") from e
+
     def _dump(self, request: int, reply: int, family: str, attributes: bytes) -> Parts:
         """Send one dump request and collect its answer; a table or set that
         does not exist answers nothing."""
@@ -214,3 +255,22 @@ class NetlinkReader:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _batch_reply(buffer: bytes, first: int, last: int) -> tuple[tuple[int, int] | None, bool]:
+    """The answers to a batch (sequence numbers first..last) in one recv() buffer:
+    (sequence number, errno) of the first error, and whether the last message's
+    acknowledgement came. A failed commit answers the BEGIN message (`first`)."""
+    offset = 0
+    while offset + HEADER.size <= len(buffer):
+        length, kind, _flags, seq, _pid = HEADER.unpack_from(buffer, offset)
+        if length < HEADER.size:
+            break
+        if kind == NLMSG_ERROR and first <= seq <= last:
+            (code,) = struct.unpack_from("=i", buffer, offset + HEADER.size)
+            if code:
+                return (seq, -code), True
+            if seq == last:
+                return None, True
+        offset += (length + 3) & ~3
+    return None, False

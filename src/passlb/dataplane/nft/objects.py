@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import re
+from array import array
 from dataclasses import dataclass
+from typing import TypeAlias
 
 Family = str  # "ip", "ip6", "inet", "arp", "bridge", "netdev"
 FAMILIES = frozenset({"ip", "ip6", "inet", "arp", "bridge", "netdev"})
@@ -43,6 +45,7 @@ class Table:
     family: Family
     name: str
     comment: str | None = None
+    dormant: bool = False  # base chains unhooked: no packet sees the table
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,36 @@ class Element:
         return " ".join(parts)
 
 
-Object = Table | Chain | Rule | Set | Counter | Element
+RingValues: TypeAlias = "array[int]"  # array('I'): slot -> backend id, a ring map's content
+
+
+@dataclass(frozen=True, eq=False)
+class RingWrite:
+    """Slots of one ring map (integer key -> mark) to delete, then slots to add.
+
+    Rings are the bulk of a table (up to 65,537 slots a service), so their
+    changes travel as arrays, not as one Element each: the runner writes them
+    as binary nfnetlink set-element messages, other backends as nft text.
+    A slot whose value changes is in both (a map element's value cannot be
+    replaced in place).
+    """
+
+    set: str
+    deleted: array[int]  # slots
+    added: array[int]  # slots, with `values` at the same positions
+    values: array[int]
+
+    def __len__(self) -> int:
+        return len(self.deleted) + len(self.added)
+
+    def delete_text(self) -> str:
+        return ", ".join(map(str, self.deleted))
+
+    def add_text(self) -> str:
+        return ", ".join(f"{s} : {v}" for s, v in zip(self.added, self.values, strict=True))
+
+
+Object = Table | Chain | Rule | Set | Counter | Element | RingWrite
 
 
 def format_seconds(seconds: float) -> str:

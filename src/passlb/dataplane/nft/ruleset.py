@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from array import array
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -26,6 +27,8 @@ from passlb.dataplane.nft.objects import (
     Counter,
     CounterValue,
     Element,
+    RingValues,
+    RingWrite,
     Rule,
     Set,
     Table,
@@ -47,6 +50,9 @@ class Ruleset:
     elements: dict[str, dict[ElementKey, Element]] = field(default_factory=dict)
     counters: dict[str, Counter] = field(default_factory=dict)
     counter_values: dict[str, CounterValue] = field(default_factory=dict)
+    # Ring maps (integer slot -> mark): slot -> backend id, 0 where a slot is missing.
+    # Treated as immutable: a change makes a new array.
+    rings: dict[str, RingValues] = field(default_factory=dict)
 
     def add_chain(self, chain: Chain, rules: list[str] | None = None) -> None:
         self.chains[chain.name] = chain
@@ -55,6 +61,10 @@ class Ruleset:
     def add_set(self, s: Set, elements: list[Element] | None = None) -> None:
         self.sets[s.name] = s
         self.elements[s.name] = {e.key: e for e in elements or []}
+
+    def add_ring(self, s: Set, values: RingValues) -> None:
+        self.sets[s.name] = s
+        self.rings[s.name] = values
 
     def add_counter(self, counter: Counter) -> None:
         self.counters[counter.name] = counter
@@ -70,6 +80,7 @@ class Ruleset:
             elements={name: dict(elems) for name, elems in self.elements.items()},
             counters=dict(self.counters),
             counter_values=dict(self.counter_values),
+            rings=dict(self.rings),
         )
 
 
@@ -129,6 +140,31 @@ def same_declaration(current: Set, desired: Set) -> bool:
     if fp is not None:
         return fp == fingerprint(desired)
     return current in (desired, with_fingerprint(desired))
+
+
+# -- rings -------------------------------------------------------------------
+
+
+def ring_write(name: str, have: RingValues | None, want: RingValues) -> RingWrite | None:
+    """The slots to delete and add that turn ring `have` (None: empty) into `want`."""
+    if have is want or have == want:
+        return None
+    deleted, added, values = array("I"), array("I"), array("I")
+    if not have:
+        added.extend(range(len(want)))
+        values.extend(want)
+        return RingWrite(name, deleted, added, values)
+    common = min(len(have), len(want))
+    for slot, (h, w) in enumerate(zip(have[:common], want[:common], strict=True)):
+        if h != w:
+            if h:
+                deleted.append(slot)
+            added.append(slot)
+            values.append(w)
+    deleted.extend(slot for slot in range(common, len(have)) if have[slot])
+    added.extend(range(common, len(want)))
+    values.extend(want[common:])
+    return RingWrite(name, deleted, added, values)
 
 
 # -- converge -------------------------------------------------------------------
@@ -227,6 +263,12 @@ def converge(
             had = have.get(key)
             if had is not elem and had != elem:
                 tx.add(elem)
+
+    # 4b. Ring slots, as arrays (see RingWrite).
+    for name, ring in desired.rings.items():
+        write = ring_write(name, None if name in replaced_sets else cur.rings.get(name), ring)
+        if write is not None:
+            tx.add(write)
 
     # 5. Rules of new and rewritten chains.
     for name in desired.chains:

@@ -12,6 +12,7 @@ import ctypes
 import json
 import re
 import threading
+from dataclasses import replace
 from typing import Any
 
 import nftables
@@ -22,6 +23,7 @@ from passlb.dataplane.nft.objects import (
     Counter,
     CounterValue,
     Element,
+    RingWrite,
     Set,
     Table,
 )
@@ -35,6 +37,9 @@ Json = dict[str, Any]
 
 
 BIG_TEXT = 1 << 20  # a full 65537-slot ring is several MB of nft text or JSON
+# Ring slots that still go as nft text with the rest of a transaction that also
+# changes rules or declarations (libnftables parses ~4 µs a slot).
+RING_TEXT_LIMIT = 4096
 
 
 def release_heap() -> None:
@@ -60,8 +65,9 @@ class NftRunner:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         try:
-            self._nft, self._netlink, self._walker = in_netns(
-                netns or None, lambda: (nftables.Nftables(), NetlinkReader(), NetlinkReader())
+            self._nft, self._netlink, self._walker, self._writer = in_netns(
+                netns or None,
+                lambda: (nftables.Nftables(), NetlinkReader(), NetlinkReader(), NetlinkReader()),
             )
         except OSError as e:
             raise DataplaneError(f"cannot open nftables in netns {netns!r}: {e}") from e
@@ -75,10 +81,32 @@ class NftRunner:
     # -- writes ---------------------------------------------------------------
 
     def apply(self, tx: Transaction) -> None:
+        """One transaction: nft text through libnftables, or, when it holds only ring
+        slots, one binary nfnetlink batch (setelem.py).
+
+        A new table with more ring slots than RING_TEXT_LIMIT is created dormant
+        (no base chain hooked, so no packet sees it) by libnftables, then filled
+        and woken in one nfnetlink batch: packets see no table, then all of it.
+        """
         tx.raise_error()
+        writes, rest = tx.ring_writes(), tx.rest()
+        if not writes and not rest:
+            return  # nothing but the add of an existing table: no change
+        if writes and not rest:
+            self._write_rings(tx.table, writes)
+            return
+        if sum(len(w) for w in writes) > RING_TEXT_LIMIT and not self._table_exists(tx.table):
+            self.run_script(tx.without_rings(replace(tx.table, dormant=True)).render())
+            self._write_rings(tx.table, writes)
+            return
         script = tx.render()
         if script:
             self.run_script(script)
+
+    def _write_rings(self, table: Table, writes: list[RingWrite]) -> None:
+        with self._lock:  # one writer at a time: libnftables or this batch
+            self._writer.write_rings(table.family, table.name, writes)
+        release_heap()
 
     def run_script(self, script: str) -> str:
         """Run nft text commands as one transaction; the output text on success."""
@@ -125,7 +153,12 @@ class NftRunner:
                 found.add_chain(_chain_from_json(item["chain"]))
             body = item.get("set") or item.get("map")
             if body is not None and body["table"] == table.name:
-                found.add_set(*_set_from_json(body))
+                decl, elements = _set_from_json(body)
+                if _is_ring(body):
+                    with self._netlink_lock:
+                        found.add_ring(decl, self._netlink.ring(f, table.name, decl.name))
+                else:
+                    found.add_set(decl, elements)
             if "counter" in item:
                 c = item["counter"]
                 found.add_counter(Counter(c["name"], c.get("comment")))
@@ -194,6 +227,11 @@ def _chain_from_json(c: Json) -> Chain:
         policy=c.get("policy"),
         comment=c.get("comment"),
     )
+
+
+def _is_ring(s: Json) -> bool:
+    """A ring map: a 32-bit integer (the hash slot) to a mark."""
+    return s.get("type") == "integer" and s.get("map") == "mark"
 
 
 def _set_from_json(s: Json) -> tuple[Set, list[Element]]:

@@ -190,8 +190,14 @@ class _RuleRun:
         return tok[1:]
 
     def lookup(self, set_name: str, key: list[tuple[str, bytes]]) -> Element:
-        elements = self.t.rs.elements[set_name]
         texts = tuple(k for k, _ in key)
+        ring = self.t.rs.rings.get(set_name)
+        if ring is not None:
+            slot = int(texts[0])
+            if slot >= len(ring) or not ring[slot]:
+                raise _Break
+            return Element(set_name, texts, str(ring[slot]))
+        elements = self.t.rs.elements[set_name]
         found = elements.get(texts)
         if found is None:
             found = next((e for e in elements.values() if _interval_match(e.key, texts)), None)

@@ -20,6 +20,7 @@ from passlb.dataplane.nft.objects import (
     Counter,
     Element,
     Object,
+    RingWrite,
     Rule,
     Set,
     Table,
@@ -50,12 +51,26 @@ class Transaction:
         self.table = table
         self.operations: list[Operation] = []
         self.error: DataplaneError | None = None
+        self._ring_elements = 0  # element writes inside RingWrites, beyond one per op
         if table.family not in FAMILIES:
             self._latch(f"unknown table family {table.family!r}")
         self._check(check_name("table", table.name))
 
     def __len__(self) -> int:
-        return len(self.operations)
+        """Operations, counting each element a RingWrite deletes or adds."""
+        return len(self.operations) + self._ring_elements
+
+    def ring_writes(self) -> list[RingWrite]:
+        return [op.obj for op in self.operations if isinstance(op.obj, RingWrite)]
+
+    def rest(self) -> list[Operation]:
+        """Every operation but the ring writes and the (idempotent) add of the table."""
+        return [
+            op
+            for op in self.operations
+            if not isinstance(op.obj, RingWrite)
+            and not (op.verb is Verb.ADD and isinstance(op.obj, Table))
+        ]
 
     def __iter__(self) -> Iterator[Operation]:
         return iter(self.operations)
@@ -72,10 +87,21 @@ class Transaction:
     def delete(self, obj: Object) -> None:
         self._record(Verb.DELETE, obj)
 
+    def without_rings(self, table: Table) -> Transaction:
+        """The other operations, on `table` (e.g. the same table, dormant)."""
+        twin = Transaction(table)
+        for op in self.operations:
+            if isinstance(op.obj, Table):
+                twin._record(op.verb, table)
+            elif not isinstance(op.obj, RingWrite):
+                twin._record(op.verb, op.obj)
+        return twin
+
     def copy(self) -> Transaction:
         twin = Transaction(self.table)
         twin.operations = list(self.operations)
         twin.error = self.error
+        twin._ring_elements = self._ring_elements
         return twin
 
     def raise_error(self) -> None:
@@ -99,6 +125,14 @@ class Transaction:
                 batch.clear()
 
         for op in self.operations:
+            if isinstance(op.obj, RingWrite):
+                flush_batch()
+                where = f"{self._where()} {op.obj.set}"
+                if op.obj.deleted:
+                    lines.append(f"delete element {where} {{ {op.obj.delete_text()} }}")
+                if op.obj.added:
+                    lines.append(f"add element {where} {{ {op.obj.add_text()} }}")
+                continue
             if isinstance(op.obj, Element):
                 if batch and (batch_verb is not op.verb or batch[0].set != op.obj.set):
                     flush_batch()
@@ -115,6 +149,8 @@ class Transaction:
     def _record(self, verb: Verb, obj: Object) -> None:
         if self.error is None:
             self._check(self._validate(verb, obj))
+        if isinstance(obj, RingWrite):
+            self._ring_elements += len(obj) - 1
         self.operations.append(Operation(verb, obj))
 
     def _latch(self, message: str) -> None:
@@ -131,6 +167,12 @@ class Transaction:
                 return f"elements cannot be flushed (set {obj.set!r}: flush the set)"
             if not obj.key:
                 return f"element of set {obj.set!r} has an empty key"
+            return check_name("set", obj.set)
+        if isinstance(obj, RingWrite):
+            if verb is not Verb.ADD:
+                return f"ring writes are added (set {obj.set!r})"
+            if len(obj.added) != len(obj.values):
+                return f"ring write to {obj.set!r}: not one value per added slot"
             return check_name("set", obj.set)
         if isinstance(obj, Table):
             if obj != self.table and obj.name != self.table.name:
@@ -160,11 +202,10 @@ class Transaction:
     def _render_one(self, op: Operation) -> str:
         obj, verb = op.obj, op.verb
         if isinstance(obj, Table):
-            spec = (
-                f" {{ comment {quote(obj.comment)} ; }}"
-                if obj.comment and verb in _CREATING
-                else ""
-            )
+            # Without flags, an add of an existing table clears its dormant flag.
+            parts = ["flags dormant"] if obj.dormant else []
+            parts += [f"comment {quote(obj.comment)}"] if obj.comment else []
+            spec = f" {{ {' ; '.join(parts)} ; }}" if parts and verb in _CREATING else ""
             return f"{verb} table {self._where()}{spec}"
         if isinstance(obj, Chain):
             spec = f" {_chain_spec(obj)}" if verb in _CREATING else ""

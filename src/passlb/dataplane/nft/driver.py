@@ -1,0 +1,165 @@
+"""The skeleton both kernel drivers (dsr, nat) share: sync, adopt, ids, ring cache, teardown.
+
+A sync reads the table (full sync) or takes what it last wrote, adopts the
+backend ids a previous run left in element comments, gives every backend an
+id, renders the whole table (the mode's part), and converges the kernel to it
+in one transaction; the mode adds its own flow cuts. Ring maps travel as
+arrays of backend ids (`RingCache`), so a ring that did not change costs
+nothing and a changed one only its changed slots.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Sequence
+
+from passlb.dataplane.base import ApplyResult, ServiceCounters
+from passlb.dataplane.nft.counters import service_counters
+from passlb.dataplane.nft.ids import BackendIds, Owner, parse_owner
+from passlb.dataplane.nft.names import check_services
+from passlb.dataplane.nft.objects import RingValues, Table
+from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge, delete_table
+from passlb.dataplane.nft.transaction import Transaction
+from passlb.errors import DataplaneError
+from passlb.hashing.maglev import Ring
+from passlb.state import BackendDesired, DesiredState, ServiceDesired
+
+
+class RingCache:
+    """Ring map contents (slot -> backend id) kept between syncs.
+
+    A ring whose slots and backend ids did not change comes back as the very
+    same array, which `converge` skips without looking at its slots.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[Ring, tuple[int, ...], RingValues]] = {}
+
+    def values(self, name: str, ring: Ring, backend_ids: Sequence[int]) -> RingValues:
+        ids = tuple(backend_ids)
+        kept = self._kept.get(name)
+        if kept is not None and kept[1] == ids and (kept[0] is ring or kept[0] == ring):
+            return kept[2]
+        values = array("I", [ids[i] for i in ring.slots])
+        self._kept[name] = (ring, ids, values)
+        return values
+
+    def keep_only(self, names: set[str]) -> None:
+        for name in set(self._kept) - names:
+            del self._kept[name]
+
+
+class NftDriver:
+    """The template: a mode supplies `render`, `owner_maps` and its cuts (`write`)."""
+
+    name: str
+    owner_maps: tuple[str, ...]  # maps whose element comments name each id's owner
+
+    def __init__(self, nft: NftBackend | None, table: Table) -> None:
+        if nft is None:
+            from passlb.dataplane.nft.runner import NftRunner  # the real kernel by default
+
+            nft = NftRunner()
+        self.nft = nft
+        self.table = table
+        self.ids = BackendIds()
+        self.rings = RingCache()
+        self._adopted = False
+        self._applied: Ruleset | None = None  # what the kernel holds, when we are sure
+        self._desired: DesiredState | None = None
+
+    # -- the mode's part ------------------------------------------------------------
+
+    def render(self, desired: DesiredState) -> Ruleset:
+        """The whole table for `desired`; every backend it names has an id."""
+        raise NotImplementedError
+
+    def write(
+        self,
+        desired: DesiredState,
+        current: Ruleset | None,
+        rendered: Ruleset,
+        tx: Transaction,
+        released: dict[Owner, int],
+        full: bool,
+    ) -> tuple[int, bool]:
+        """Apply `tx` with the mode's flow cuts. Returns the operations written and
+        whether the kernel now holds exactly `rendered` (False: the next sync is full)."""
+        self.nft.apply(tx)
+        return len(tx), True
+
+    def adopted(self, current: Ruleset | None) -> None:
+        """After ids were recovered from `current`: what else the mode holds back."""
+
+    def active_flows(self, services: Sequence[ServiceDesired]) -> dict[int, int]:
+        """Active flows by backend id."""
+        raise NotImplementedError
+
+    # -- sync -----------------------------------------------------------------------
+
+    def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
+        started = time.monotonic()
+        check_services(desired)
+        full = full or self._applied is None
+        current = self.nft.read(self.table) if full else self._applied
+        if not self._adopted:
+            self._adopt(current)
+        released = self.ids.assign(
+            (sd.service.name, b.key) for sd in desired.services for b in sd.backends
+        )
+        rendered = self.render(desired)
+        self.rings.keep_only(set(rendered.rings))
+        tx = converge(current, rendered, rewrite_rules=full)
+        try:
+            written, exact = self.write(desired, current, rendered, tx, released, full)
+        except DataplaneError:
+            self._applied = None  # the next sync re-reads the kernel and rewrites everything
+            raise
+        self._applied = rendered if exact else None
+        self._desired = desired
+        return ApplyResult(full=full, operations=written, duration=time.monotonic() - started)
+
+    def _adopt(self, current: Ruleset | None) -> None:
+        """Recover backend ids from a table a previous run left (kept forwarding meanwhile)."""
+        self._adopted = True
+        if current is not None:
+            for name in self.owner_maps:
+                for elem in current.elements.get(name, {}).values():
+                    owner = parse_owner(elem.comment)
+                    if owner is not None:
+                        self.ids.adopt(owner, int(elem.key[0]))
+        self.adopted(current)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def counters(self, *, active_flows: bool = True) -> dict[str, ServiceCounters]:
+        services = self.known_services()
+        active = self.active_flows(services) if active_flows else {}
+        return service_counters(services, self.ids.ids, self.nft.read_counters(self.table), active)
+
+    def known_services(self) -> tuple[ServiceDesired, ...]:
+        return self._desired.services if self._desired is not None else ()
+
+    # -- teardown -------------------------------------------------------------------
+
+    def close(self, *, cleanup: bool = False) -> None:
+        if cleanup:
+            self.cleanup()
+        self._applied = None
+
+    def cleanup(self) -> None:
+        """Delete the whole table: new flows are no longer balanced (nat: established
+        ones keep their DNAT binding in conntrack until they end)."""
+        delete_table(self.nft, self.table)
+        self._applied = None
+        self._desired = None
+
+
+def was_cut(previous: DesiredState | None, service: str, b: BackendDesired) -> bool:
+    """Whether the backend's flows were already cut by the previous sync."""
+    if previous is None:
+        return False
+    sd = previous.service(service)
+    before = sd.backend(b.key) if sd is not None else None
+    return before is not None and before.cut_flows
