@@ -1,0 +1,111 @@
+"""Ring slots written as binary nfnetlink batches, read back from the kernel.
+
+Random sequences of ring changes (pools, weights, ring sizes; dsr and nat)
+are synced to a real table; after every sync the kernel's rings, resolved
+through its id maps, equal the desired rings slot for slot. A writer killed
+with SIGKILL in the middle of its changes leaves one whole state behind (one
+transaction per sync), which a new driver adopts without a flush.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from passlb.dataplane.nft.runner import NftRunner
+from passlb.lab import Lab, LabSpec
+
+from .ring_churn import desired_rings, kernel_rings, make_driver, states
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab(LabSpec(backends=1, clients=1, ipv6=False)) as built:
+        yield built
+
+
+@pytest.mark.parametrize("mode", ["dsr", "nat"])
+def test_random_ring_changes_read_back_equal_the_desired_rings(lab: Lab, mode: str) -> None:
+    seed = random.randrange(1 << 30)
+    driver = make_driver(mode, lab.lb.ns, f"rings_{mode}")
+    runner = NftRunner(lab.lb.ns)
+    try:
+        for step, wanted in enumerate(states(seed, mode)):
+            driver.sync(wanted, full=step % 5 == 4)
+            rs = runner.read(driver.table)
+            assert rs is not None
+            assert kernel_rings(rs, driver.owner_maps) == desired_rings(wanted), (seed, step)
+    finally:
+        driver.close(cleanup=True)
+
+
+def _flags(runner: NftRunner, family: str, table: str) -> list[str]:
+    for item in runner.list_json(f"list tables {family}"):
+        if "table" in item and item["table"]["name"] == table:
+            return list(item["table"].get("flags", []))
+    raise AssertionError(f"no table {table}")
+
+
+@pytest.mark.parametrize("mode", ["dsr", "nat"])
+def test_a_writer_killed_mid_change_leaves_one_whole_state_that_a_new_driver_adopts(
+    lab: Lab, mode: str
+) -> None:
+    seed = random.randrange(1 << 30)
+    table = f"churn_{mode}"
+    wanted = states(seed, mode)
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "tests.kernel.ring_churn", lab.lb.ns, table, mode, str(seed)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    runner = NftRunner(lab.lb.ns)
+    adopter = make_driver(mode, lab.lb.ns, table)
+    try:
+        assert writer.stdout is not None
+        for _ in range(random.randint(3, 8)):  # some whole syncs, then a kill within the next
+            assert writer.stdout.readline(), "the writer died"
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        rs = runner.read(adopter.table)
+        assert rs is not None
+        left = kernel_rings(rs, adopter.owner_maps)
+        assert left in [desired_rings(s) for s in wanted], seed  # one whole state, not a mix
+        assert "dormant" not in _flags(runner, adopter.table.family, table)
+        ids_before = {
+            o: int(e.key[0])
+            for name in adopter.owner_maps
+            for e in rs.elements.get(name, {}).values()
+            for o in [e.comment]
+        }
+        target = wanted[-1] if left != desired_rings(wanted[-1]) else wanted[0]
+        result = adopter.sync(target)
+        assert result.full
+        after = runner.read(adopter.table)
+        assert after is not None
+        assert kernel_rings(after, adopter.owner_maps) == desired_rings(target), seed
+        kept = {
+            o: int(e.key[0])
+            for name in adopter.owner_maps
+            for e in after.elements.get(name, {}).values()
+            for o in [e.comment]
+        }
+        # Adopted, not flushed: a backend in both states keeps the id it had.
+        assert all(kept[o] == bid for o, bid in ids_before.items() if o in kept), seed
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        adopter.close(cleanup=True)
