@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import replace
+from ipaddress import ip_address
 
 from passlb.control.desired import DesiredState
 from passlb.dataplane.nft.driver import NftDriver
@@ -31,7 +32,7 @@ def state(rng: random.Random, mode: str, services: int = 3) -> DesiredState:
     chosen = []
     for n in range(services):
         members = rng.sample(POOL, rng.randint(1, 8))
-        pool = [Backend(_ip(a), weight=rng.randint(1, 4)) for a in members]
+        pool = [Backend(ip_address(a), weight=rng.randint(1, 4)) for a in members]
         svc = service(
             f"s{n}",
             VIP,
@@ -47,12 +48,6 @@ def state(rng: random.Random, mode: str, services: int = 3) -> DesiredState:
 def states(seed: int, mode: str) -> list[DesiredState]:
     rng = random.Random(seed)
     return [state(rng, mode) for _ in range(8)]
-
-
-def _ip(address: str) -> object:
-    from ipaddress import ip_address
-
-    return ip_address(address)
 
 
 def make_driver(mode: str, netns: str, table: str) -> NftDriver:
