@@ -12,7 +12,6 @@ import sys
 from dataclasses import replace
 from ipaddress import ip_address
 
-from passlb.control.desired import DesiredState
 from passlb.dataplane.nft.driver import NftDriver
 from passlb.dataplane.nft.dsr import DsrDriver
 from passlb.dataplane.nft.ids import parse_owner
@@ -21,6 +20,7 @@ from passlb.dataplane.nft.ruleset import Ruleset
 from passlb.dataplane.nft.runner import NftRunner
 from passlb.dataplane.nft.testing import desired, ports, service
 from passlb.model import Backend, Mode, Protocol
+from passlb.state import DesiredState
 
 VIP = "198.18.0.10"
 POOL = [f"198.18.2.{i}" for i in range(10, 30)]  # addresses only: no packet is sent
