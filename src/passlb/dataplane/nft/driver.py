@@ -41,7 +41,7 @@ class RingCache:
         kept = self._kept.get(name)
         if kept is not None and kept[1] == ids and (kept[0] is ring or kept[0] == ring):
             return kept[2]
-        values = array("I", [ids[i] for i in ring.slots])
+        values = array("I", map(ids.__getitem__, ring.slots))
         self._kept[name] = (ring, ids, values)
         return values
 

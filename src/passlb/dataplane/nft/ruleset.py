@@ -20,6 +20,8 @@ import hashlib
 import re
 from array import array
 from dataclasses import dataclass, field, replace
+from itertools import compress
+from operator import ne
 from typing import Protocol
 
 from passlb.dataplane.nft.objects import (
@@ -146,25 +148,22 @@ def same_declaration(current: Set, desired: Set) -> bool:
 
 
 def ring_write(name: str, have: RingValues | None, want: RingValues) -> RingWrite | None:
-    """The slots to delete and add that turn ring `have` (None: empty) into `want`."""
+    """The slots to delete and add that turn ring `have` (None: empty) into `want`.
+
+    The comparisons run in C (map, compress): a health event in a 65,537-slot
+    ring is a few milliseconds here, not tens.
+    """
     if have is want or have == want:
         return None
-    deleted, added, values = array("I"), array("I"), array("I")
     if not have:
-        added.extend(range(len(want)))
-        values.extend(want)
-        return RingWrite(name, deleted, added, values)
+        return RingWrite(name, array("I"), array("I", range(len(want))), array("I", want))
     common = min(len(have), len(want))
-    for slot, (h, w) in enumerate(zip(have[:common], want[:common], strict=True)):
-        if h != w:
-            if h:
-                deleted.append(slot)
-            added.append(slot)
-            values.append(w)
+    changed = list(compress(range(common), map(ne, have[:common], want[:common])))
+    deleted = array("I", compress(changed, map(have.__getitem__, changed)))
     deleted.extend(slot for slot in range(common, len(have)) if have[slot])
+    added = array("I", changed)
     added.extend(range(common, len(want)))
-    values.extend(want[common:])
-    return RingWrite(name, deleted, added, values)
+    return RingWrite(name, deleted, added, array("I", map(want.__getitem__, added)))
 
 
 # -- converge -------------------------------------------------------------------

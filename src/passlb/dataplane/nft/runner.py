@@ -40,6 +40,7 @@ BIG_TEXT = 1 << 20  # a full 65537-slot ring is several MB of nft text or JSON
 # Ring slots that still go as nft text with the rest of a transaction that also
 # changes rules or declarations (libnftables parses ~4 µs a slot).
 RING_TEXT_LIMIT = 4096
+BIG_RING_WRITE = 1 << 16  # slots: tens of MB of batch, worth handing back to the kernel
 
 
 def release_heap() -> None:
@@ -106,7 +107,8 @@ class NftRunner:
     def _write_rings(self, table: Table, writes: list[RingWrite]) -> None:
         with self._lock:  # one writer at a time: libnftables or this batch
             self._writer.write_rings(table.family, table.name, writes)
-        release_heap()
+        if sum(len(w) for w in writes) > BIG_RING_WRITE:
+            release_heap()
 
     def run_script(self, script: str) -> str:
         """Run nft text commands as one transaction; the output text on success."""
