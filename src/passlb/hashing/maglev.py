@@ -47,10 +47,19 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from array import array
+from collections import Counter
 from collections.abc import Sequence
+from itertools import compress
+from operator import ne
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported by build_ring only: a Ring itself is plain arrays, so the
+# processes that only use rings (proxy relay workers) do not load numpy (~15 MiB).
 
 # A ring stores backend indexes in 16 bits; with M >= 100 * backends that allows
 # rings of up to 6.5 million slots, far beyond what an nft map should hold.
@@ -101,31 +110,29 @@ class Ring:
         if self._counts is None:
             # Kept: rings outlive many applies (they are cached), and each
             # apply asks every service's ring again.
-            counts = np.bincount(self._array(), minlength=self._backend_count)
-            self._counts = tuple(int(c) for c in counts)
+            found = Counter(self._slots)
+            self._counts = tuple(found[i] for i in range(self._backend_count))
         return list(self._counts)
 
     def diff(self, other: Ring) -> list[int]:
         """The slot numbers whose backend index differs between two rings of the same size."""
         if len(self) != len(other):
             raise ValueError(f"cannot diff rings of {len(self)} and {len(other)} slots")
-        return [int(s) for s in np.flatnonzero(self._array() != other._array())]
+        return list(compress(range(len(self)), map(ne, self._slots, other._slots)))
 
     def translate(self, mapping: Sequence[int], backend_count: int) -> Ring:
         """The same table with every index i replaced by mapping[i] (re-indexing backends)."""
-        table = np.asarray(mapping, dtype=np.int64)
-        if len(table) != self._backend_count or (
-            len(table) and (table.min() < 0 or table.max() >= backend_count)
-        ):
+        table = list(mapping)
+        if len(table) != self._backend_count or any(not 0 <= i < backend_count for i in table):
             raise ValueError("mapping must send every backend index into 0..backend_count-1")
-        return _ring_from_numpy(table[self._array()], backend_count)
+        return Ring(array("H", map(table.__getitem__, self._slots)), backend_count)
 
     def to_bytes(self) -> bytes:
         """The table as little-endian u16 values: the same bytes on every machine."""
-        return self._array().astype("<u2").tobytes()
-
-    def _array(self) -> np.ndarray:
-        return np.frombuffer(self._slots, dtype=np.uint16)
+        slots = array("H", self._slots)
+        if sys.byteorder == "big":
+            slots.byteswap()
+        return slots.tobytes()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Ring):
@@ -165,6 +172,8 @@ def build_ring(backends: Sequence[tuple[str, int]], size: int = 65537) -> Ring:
             f"ring size {size} is below {SLOTS_PER_BACKEND} slots per backend for "
             f"{len(members)} backends: the Maglev paper's bound for <= 1 % imbalance"
         )
+    import numpy as np
+
     counts = _apportion(size, [weights[i] for i in members])
     offsets, skips = _permutation_params([keys[i] for i in members], size)
     by_member = _fill(size, offsets, skips, _turn_order(counts))
@@ -184,6 +193,8 @@ def _hash_to_int(person: str, key: str) -> int:
 
 
 def _permutation_params(keys: Sequence[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
     params = [permutation_params(key, size) for key in keys]
     return (
         np.fromiter((o for o, _ in params), dtype=np.int64, count=len(params)),
@@ -192,6 +203,8 @@ def _permutation_params(keys: Sequence[str], size: int) -> tuple[np.ndarray, np.
 
 
 def _ring_from_numpy(indexes: np.ndarray, backend_count: int) -> Ring:
+    import numpy as np
+
     slots = array("H")
     slots.frombytes(indexes.astype(np.uint16).tobytes())
     return Ring(slots, backend_count)
@@ -219,6 +232,8 @@ def _turn_order(counts: Sequence[int]) -> np.ndarray:
     Member j with count c takes its t-th turn (t = 1..c) in the first round r
     where ceil(r * c / max_count) >= t, i.e. r = (t - 1) * max_count // c + 1.
     """
+    import numpy as np
+
     count = np.asarray(counts, dtype=np.int64)
     most = int(count.max())
     member = np.repeat(np.arange(len(count), dtype=np.int64), count)
@@ -235,6 +250,8 @@ def _fill(size: int, offsets: np.ndarray, skips: np.ndarray, turns: np.ndarray) 
     still to play fit a small matrix, the tail switches to precomputed lists:
     every remaining member's empty slots in its own permutation order.
     """
+    import numpy as np
+
     table = [0] * size  # member + 1; 0 marks an empty slot
     current = offsets.tolist()  # slot at each member's next permutation position
     skip = skips.tolist()
@@ -268,6 +285,8 @@ def _tail_start(order: Sequence[int], size: int) -> int:
 
 
 def _fill_tail(table: list[int], current: list[int], skip: list[int], order: list[int]) -> None:
+    import numpy as np
+
     if not order:
         return
     size = len(table)
