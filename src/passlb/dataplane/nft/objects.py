@@ -25,7 +25,7 @@ FAMILIES = frozenset({"ip", "ip6", "inet", "arp", "bridge", "netdev"})
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,62}")
 
 
-@functools.lru_cache(maxsize=4096)  # called for every element of a 65,537-slot ring
+@functools.lru_cache(maxsize=1 << 16)  # every object and element name of a sync
 def check_name(kind: str, name: str) -> str | None:
     """Why `name` is no valid nft object name, or None when it is."""
     if not _NAME.fullmatch(name):

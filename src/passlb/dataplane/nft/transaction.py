@@ -89,12 +89,13 @@ class Transaction:
 
     def without_rings(self, table: Table) -> Transaction:
         """The other operations, on `table` (e.g. the same table, dormant)."""
-        twin = Transaction(table)
-        for op in self.operations:
-            if isinstance(op.obj, Table):
-                twin._record(op.verb, table)
-            elif not isinstance(op.obj, RingWrite):
-                twin._record(op.verb, op.obj)
+        twin = Transaction(table)  # validated already: the operations are copied as they are
+        twin.error = self.error
+        twin.operations = [
+            Operation(op.verb, table) if isinstance(op.obj, Table) else op
+            for op in self.operations
+            if not isinstance(op.obj, RingWrite)
+        ]
         return twin
 
     def copy(self) -> Transaction:
