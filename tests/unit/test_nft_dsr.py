@@ -165,6 +165,28 @@ def test_backend_ids_are_stable_and_recovered_on_adopt() -> None:
     }
 
 
+def test_an_id_leftover_flow_entries_name_is_not_given_to_a_new_backend_after_adopt() -> None:
+    fake = FakeNft()
+    drv = _driver(fake)
+    svc = service("web", "198.18.0.10", B)
+    drv.sync(desired(svc))
+    for sport in range(300):
+        _send(fake, drv, _tcp(sport))
+    gone = drv.ids.ids[("web", B[2])]
+    assert gone in {
+        int(e.value or 0) for e in fake.ruleset(drv.table).elements["flows_web_tcp"].values()
+    }
+    # The previous run's table no longer names that backend; its flow entries remain.
+    del fake.ruleset(drv.table).elements["backends4"][(str(gone),)]
+
+    again = _driver(fake)
+    grown = replace(svc, backends=(*svc.backends[:2], Backend(ip_address("198.18.2.14"))))
+    again.sync(desired(grown))
+    assert again.ids.ids[("web", "198.18.2.14")] != gone
+    left = fake.ruleset(drv.table).elements["flows_web_tcp"].values()
+    assert gone not in {int(e.value or 0) for e in left}  # cut as entries of an unknown id
+
+
 def test_flow_hit_of_a_removed_backend_falls_back_to_the_ring() -> None:
     fake = FakeNft()
     drv = _driver(fake)

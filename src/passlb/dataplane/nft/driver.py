@@ -14,7 +14,7 @@ import time
 from array import array
 from collections.abc import Sequence
 
-from passlb.dataplane.base import ApplyResult, ServiceCounters
+from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.nft.counters import service_counters
 from passlb.dataplane.nft.ids import BackendIds, Owner, parse_owner
 from passlb.dataplane.nft.names import check_services
@@ -94,6 +94,10 @@ class NftDriver:
 
     def active_flows(self, services: Sequence[ServiceDesired]) -> dict[int, int]:
         """Active flows by backend id."""
+        raise NotImplementedError
+
+    def flows(self, service: str | None = None, backend: str | None = None) -> list[Flow]:
+        """The current flows, read from the flow table (dsr) or conntrack (nat)."""
         raise NotImplementedError
 
     # -- sync -----------------------------------------------------------------------

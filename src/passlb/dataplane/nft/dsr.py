@@ -222,6 +222,16 @@ class DsrDriver(NftDriver):
     def render(self, desired: DesiredState) -> Ruleset:
         return render(desired, self.ids.ids, self.interfaces, self.table, self.rings)
 
+    def adopted(self, current: Ruleset | None) -> None:
+        # Ids that flow entries of the previous run still name, for backends no longer
+        # in the table, stay held: a new backend must not inherit those flows.
+        if current is None:
+            return
+        for name, s in current.sets.items():
+            if s.is_dynamic:
+                self.ids.held |= set(self.nft.count_marks(self.table, name))
+        self.ids.held -= set(self.ids.ids.values())
+
     # -- flow cuts --------------------------------------------------------------------
 
     def write(

@@ -42,12 +42,14 @@ from passlb.dataplane.nft.nlmsg import (
     dump_request,
     message_spans,
 )
-from passlb.dataplane.nft.objects import CounterValue, RingValues, RingWrite
+from passlb.dataplane.nft.objects import CounterValue, Element, RingValues, RingWrite
 from passlb.dataplane.nft.setelem import ring_batch, ring_from_dump
+from passlb.dataplane.nft.setread import SetInfo, elements_from, sets_from
 from passlb.errors import DataplaneError
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE = 0, 1
+NFT_MSG_NEWSET, NFT_MSG_GETSET = 9, 10
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM = 12, 13
 NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
 
@@ -55,6 +57,7 @@ NFTA_TABLE_NAME = 1
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
 NFT_OBJECT_COUNTER = 1
+NFTA_SET_TABLE = 1
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_DATA = 2
@@ -193,6 +196,18 @@ class NetlinkReader:
         attributes += attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
         parts = self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
         return mark_values_from(parts)
+
+    def sets(self, family: str, table: str) -> list[SetInfo]:
+        """The declarations of a table's sets and maps."""
+        attributes = attr(NFTA_SET_TABLE, table.encode() + b"\0")
+        return sets_from(self._dump(NFT_MSG_GETSET, NFT_MSG_NEWSET, family, attributes))
+
+    def elements(self, family: str, table: str, info: SetInfo) -> list[Element]:
+        """The elements of one set, as nft prints them."""
+        attributes = attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+        attributes += attr(NFTA_SET_ELEM_LIST_SET, info.decl.name.encode() + b"\0")
+        parts = self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
+        return elements_from(info, parts)
 
     def ring(self, family: str, table: str, set_name: str) -> RingValues:
         """slot -> id of a ring map (0 where a slot has no element)."""
