@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from passlb.dataplane.nft.objects import Chain, Rule
+from passlb.dataplane.nft.objects import Chain, Rule, Table
 from passlb.dataplane.nft.ruleset import converge
 from passlb.dataplane.nft.runner import NftRunner
 from passlb.dataplane.nft.testing import desired, ports, service
@@ -182,3 +182,24 @@ def test_flow_entries_read_over_netlink_name_their_client_ports_and_backend(lab:
         }
     finally:
         driver.close(cleanup=True)
+
+
+def test_cidr_interval_sets_read_over_netlink_as_nft_lists_them(lab: Lab) -> None:
+    runner = NftRunner(lab.lb.ns)
+    table = Table("netdev", "read_cidrs")
+    v4 = ["198.18.0.0/15", "198.20.5.7", "10.0.0.0/8", "192.0.2.128/25"]
+    v6 = ["2001:2::/48", "2001:db8::1"]
+    runner.run_script(
+        f"add table netdev read_cidrs\n"
+        f"add set netdev read_cidrs a4 {{ type ipv4_addr ; flags interval ; }}\n"
+        f"add set netdev read_cidrs a6 {{ type ipv6_addr ; flags interval ; }}\n"
+        f"add element netdev read_cidrs a4 {{ {', '.join(v4)} }}\n"
+        f"add element netdev read_cidrs a6 {{ {', '.join(v6)} }}\n"
+    )
+    try:
+        rs = runner.read(table)
+        assert rs is not None
+        assert sorted(k for (k,) in rs.elements["a4"]) == sorted(v4)
+        assert sorted(k for (k,) in rs.elements["a6"]) == sorted(v6)
+    finally:
+        runner.run_script("delete table netdev read_cidrs\n")

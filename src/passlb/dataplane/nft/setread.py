@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 
 from passlb.dataplane.nft.nlmsg import attrs
@@ -37,7 +37,8 @@ NFTA_SET_OBJ_TYPE = 15
 NFTA_SET_DESC_SIZE = 1
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
-NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_TIMEOUT = 1, 2, 4
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_TIMEOUT = 1, 2, 3, 4
+NFT_SET_ELEM_INTERVAL_END = 0x1
 NFTA_SET_ELEM_EXPIRATION, NFTA_SET_ELEM_USERDATA = 5, 6
 NFTA_SET_ELEM_OBJREF, NFTA_SET_ELEM_KEY_END = 9, 10
 NFTA_DATA_VALUE, NFTA_DATA_VERDICT = 1, 2
@@ -222,15 +223,58 @@ def elements_from(info: SetInfo, parts: Parts) -> list[Element]:
     """Every element of a GETSETELEM dump of the set `info` describes, in nft's text."""
     name = info.decl.name
     found = []
+    ends: list[int] = []
     for buffer, spans in parts:
         for start, end in spans:
             for kind, a, b in attrs(buffer, start, end):
                 if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
                     continue
                 for elem_kind, c, d in attrs(buffer, a, b):
-                    if elem_kind == NFTA_LIST_ELEM:
+                    if elem_kind != NFTA_LIST_ELEM:
+                        continue
+                    end_key = _interval_end(buffer, c, d)
+                    if end_key is not None:
+                        ends.append(end_key)
+                    else:
                         found.append(_element(name, info, buffer, c, d))
+    if "interval" in info.decl.flags and len(info.key_types) == 1:
+        return _ranges(found, ends, info.key_types[0])
     return found
+
+
+def _interval_end(buffer: bytes, start: int, end: int) -> int | None:
+    """The key of an element that ends an interval (one-field interval sets keep a
+    range as a start element and an end element holding the address after it)."""
+    flags, key = 0, b""
+    for kind, a, b in attrs(buffer, start, end):
+        if kind == NFTA_SET_ELEM_FLAGS:
+            flags = _u32(buffer, a)
+        elif kind == NFTA_SET_ELEM_KEY:
+            key = _value(buffer, a, b)
+    return int.from_bytes(key, "big") if flags & NFT_SET_ELEM_INTERVAL_END else None
+
+
+def _ranges(starts: list[Element], ends: list[int], kind: int) -> list[Element]:
+    """Start elements paired with their ends, as nft lists them: a CIDR when the range
+    is one, a bare address for a single one, else first-last."""
+    if kind not in (7, 8):
+        raise UnknownType(f"interval set of nft datatype {kind}")
+    address = IPv4Address if kind == 7 else IPv6Address
+    limit = 1 << (32 if kind == 7 else 128)
+    after = sorted(ends)
+    out = []
+    for elem in sorted(starts, key=lambda e: int(address(e.key[0]))):
+        first = int(address(elem.key[0]))
+        last = next((e for e in after if e > first), limit) - 1
+        size = last - first + 1
+        if size == 1:
+            text = str(address(first))
+        elif size & (size - 1) == 0 and first % size == 0:
+            text = f"{address(first)}/{(limit.bit_length() - 1) - (size.bit_length() - 1)}"
+        else:
+            text = f"{address(first)}-{address(last)}"
+        out.append(replace(elem, key=(text,)))
+    return out
 
 
 def _element(name: str, info: SetInfo, buffer: bytes, start: int, end: int) -> Element:
