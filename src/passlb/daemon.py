@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from passlb.api.metrics import render_metrics
 from passlb.api.server import build_app, start_api
-from passlb.api.telemetry import Telemetry
+from passlb.api.telemetry import SERVICE_TOTAL, Telemetry
 from passlb.api.views import StatusSnapshot, gather_counters, read_counters, status_document
 from passlb.config import load_config
 from passlb.control.reconciler import ApplyRecord, Reconciler, assume_all_healthy
@@ -126,6 +126,9 @@ class Daemon:
         self._own_kernel_dataplane(config)
         self.drivers = build_drivers(config, interfaces)
         self.telemetry = Telemetry()
+        # What the health checker last said of each backend, to tell a verdict
+        # change from a reported-weight change.
+        self._announced: dict[tuple[str, str], HealthStatus] = {}
         self._last_apply_failed = False
         self.reconciler = Reconciler(config, self.drivers, on_apply=self._on_apply)
         # Until a check says otherwise every backend counts as healthy: a daemon
@@ -146,18 +149,34 @@ class Daemon:
             self._owned = hold_dataplane(config.api.listen, str(self.config_path))
 
     def _on_health(self, service: str, backend: str, status: HealthStatus) -> None:
+        """A backend's verdict or its reported weight changed (the checker calls
+        for both): each gets its own event, so a weight change is not an "up"."""
         record = self.checker.record(service, backend)
         reason = record.reason if record else ""
-        state = "up" if status.healthy else "down"
-        self._event(
-            "health",
-            f"{service}/{backend} {state}: {reason}",
-            service=service,
-            backend=backend,
-            healthy=status.healthy,
-            reason=reason,
-            reported_weight=status.weight,
-        )
+        before = self._announced.get((service, backend))
+        self._announced[(service, backend)] = status
+        if before is None or before.healthy != status.healthy:
+            state = "up" if status.healthy else "down"
+            self.telemetry.health_history.add(service, backend, time.time(), status.healthy, reason)
+            self._event(
+                "health",
+                f"{service}/{backend} {state}: {reason}",
+                service=service,
+                backend=backend,
+                healthy=status.healthy,
+                reason=reason,
+                reported_weight=status.weight,
+            )
+        if before is not None and before.weight != status.weight:
+            self._event(
+                "reported_weight",
+                f"{service}/{backend} reports weight {_weight_text(status.weight)}"
+                f" (was {_weight_text(before.weight)})",
+                service=service,
+                backend=backend,
+                reported_weight=status.weight,
+                previous=before.weight,
+            )
         self.reconciler.set_health(service, backend, status)
 
     def _on_apply(self, record: ApplyRecord) -> None:
@@ -207,14 +226,25 @@ class Daemon:
     def events(self, since: int) -> list[dict[str, Any]]:
         return self.telemetry.events.since(since)
 
+    def history(self, service: str | None, backend: str | None, seconds: int) -> dict[str, Any]:
+        """Rate and active-flow history: every service's total, or one service's
+        total and one backend's; KeyError for an unknown service or backend."""
+        if service is None:
+            keys = [(svc.name, SERVICE_TOTAL) for svc in self.config.services]
+        else:
+            self.reconciler.check_names(service, backend)
+            keys = [(service, SERVICE_TOTAL)]
+            if backend is not None:
+                keys.append((service, backend))
+        return self.telemetry.history.read(keys, seconds)
+
+    def service_modes(self) -> dict[str, str]:
+        return {svc.name: svc.mode.value for svc in self.config.services}
+
     def flows(self, service: str | None, backend: str | None) -> list[Flow]:
         """Flows from every driver's table; KeyError for an unknown service or backend."""
         if service is not None:
-            svc = self.config.service(service)
-            if svc is None:
-                raise KeyError(f"service: no service {service!r}")
-            if backend is not None and svc.backend(backend) is None:
-                raise KeyError(f"backend: no backend {backend!r} in service {service!r}")
+            self.reconciler.check_names(service, backend)
         found: list[Flow] = []
         for driver in self.drivers.values():
             found.extend(driver.flows(service, backend))
@@ -255,6 +285,7 @@ class Daemon:
             self.drivers.update(build_drivers(config, self.interfaces))
         unapplied = start_only_changes(self.config, config)
         self.reconciler.set_config(config)
+        self._forget_removed(config)
         await self.checker.update(config)
         self.last_reload["ok"] = True
         self.last_reload["restart_needed"] = unapplied
@@ -293,8 +324,15 @@ class Daemon:
             last_event=self.telemetry.events.last_seq,
         )
 
+    def _forget_removed(self, config: Config) -> None:
+        """History of services and backends the new config no longer has goes."""
+        keys = [(s.name, b.key) for s in config.services for b in s.backends]
+        self.telemetry.health_history.forget(keys)
+        self.telemetry.history.forget(keys + [(s.name, SERVICE_TOTAL) for s in config.services])
+
     async def status(self) -> dict[str, Any]:
         counters, errors = await gather_counters(self.drivers)
+        self.telemetry.history.observe_active(counters)
         return status_document(self.snapshot(), counters, errors)
 
     # -- running --------------------------------------------------------------
@@ -321,6 +359,7 @@ class Daemon:
                     log_event(log, logging.WARNING, "counters", ok=False, error=error)
                 last_errors = errors
             self.telemetry.rates.observe(time.monotonic(), counters)
+            self.telemetry.history.observe_rates(time.time(), self.telemetry.rates.all())
             await asyncio.sleep(max(COUNTER_SAMPLE_INTERVAL, 20 * cost))
 
     async def serve(self, *, cleanup: bool) -> None:
@@ -375,6 +414,10 @@ class Daemon:
             log.info("stopped; kernel tables %s", "removed" if cleanup else "left forwarding")
             if self._owned is not None:
                 self._owned.close()
+
+
+def _weight_text(weight: int | None) -> str:
+    return "none" if weight is None else str(weight)
 
 
 def raise_fd_limit() -> None:

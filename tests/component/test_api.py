@@ -34,6 +34,7 @@ class FakeControl:
         self.updates: list[tuple[str, str, AdminState | None, int | None]] = []
         self.reload_result: tuple[bool, list[str]] = (True, [])
         self.flow_queries: list[tuple[str | None, str | None]] = []
+        self.history_queries: list[tuple[str | None, str | None, int]] = []
 
     async def status(self) -> dict[str, Any]:
         return {
@@ -68,14 +69,27 @@ class FakeControl:
             for n in range(5)
         ]
 
+    def service_modes(self) -> dict[str, str]:
+        return {"web": "dsr", "dns": "nat"}
+
+    def history(self, service: str | None, backend: str | None, seconds: int) -> dict[str, Any]:
+        if service not in (None, "web"):
+            raise KeyError(f"service: no service {service!r}")
+        if backend not in (None, BACKEND):
+            raise KeyError(f"backend: no backend {backend!r} in service {service!r}")
+        self.history_queries.append((service, backend, seconds))
+        return {"step": 1, "times": [], "series": []}
+
     async def metrics(self) -> str:
         return "passlb_build_info 1\n"
 
     def update_backend(
         self, service: str, backend: str, *, state: AdminState | None, weight: int | None
     ) -> None:
-        if (service, backend) != ("web", BACKEND):
-            raise KeyError(f"no backend {backend!r} in service {service!r}")
+        if service != "web":
+            raise KeyError(f"service: no service {service!r}")
+        if backend != BACKEND:
+            raise KeyError(f"backend: no backend {backend!r} in service {service!r}")
         self.updates.append((service, backend, state, weight))
 
     async def reload(self) -> tuple[bool, list[str]]:
@@ -193,7 +207,7 @@ async def test_unknown_service_update_is_404(
 ) -> None:
     resp = await client.post(f"/api/v1/services/api/backends/{BACKEND}", json={"state": "drain"})
     assert resp.status == 404
-    assert "in service 'api'" in (await resp.json())["error"]
+    assert (await resp.json())["error"] == "service: no service 'api'"
     assert control.updates == []
 
 
@@ -233,6 +247,7 @@ async def test_flows_filters_and_limit(client: TestClient[Any, Any], control: Fa
     assert len(body["flows"]) == 2
     assert body["flows"][0] == {
         "service": "web",
+        "mode": "dsr",
         "backend": BACKEND,
         "protocol": "tcp",
         "src": "198.18.1.1",
@@ -260,6 +275,40 @@ async def test_bad_flow_queries(
     resp = await client.get(f"/api/v1/flows?{query}")
     assert resp.status == status
     assert (await resp.json())["error"].startswith(error)
+
+
+async def test_history_of_a_service_and_backend(
+    client: TestClient[Any, Any], control: FakeControl
+) -> None:
+    for query in ("", "?service=web", f"?service=web&backend={BACKEND}&seconds=3600"):
+        resp = await client.get(f"/api/v1/history{query}")
+        assert resp.status == 200
+        assert await resp.json() == {"step": 1, "times": [], "series": []}
+    assert control.history_queries == [
+        (None, None, 600),
+        ("web", None, 600),
+        ("web", BACKEND, 3600),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "error"),
+    [
+        ("service=nope", 404, "service: no service 'nope'"),
+        ("service=web&backend=198.18.2.99", 404, "backend: no backend '198.18.2.99'"),
+        (f"backend={BACKEND}", 400, "backend: needs service"),
+        ("seconds=5", 400, "seconds: must be an integer between 10 and 21600, got '5'"),
+        ("seconds=99999", 400, "seconds: must be an integer between 10 and 21600"),
+        ("step=1", 400, "step: unknown query parameter"),
+    ],
+)
+async def test_bad_history_queries(
+    client: TestClient[Any, Any], control: FakeControl, query: str, status: int, error: str
+) -> None:
+    resp = await client.get(f"/api/v1/history?{query}")
+    assert resp.status == status
+    assert (await resp.json())["error"].startswith(error)
+    assert control.history_queries == []
 
 
 async def test_metrics_is_prometheus_text(client: TestClient[Any, Any]) -> None:

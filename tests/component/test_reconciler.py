@@ -179,8 +179,12 @@ def test_enable_ends_the_drain() -> None:
 
 def test_admin_change_for_unknown_backend_is_refused() -> None:
     rec, _, _ = make(service("web", Mode.DSR, "198.18.2.11"))
-    with pytest.raises(KeyError, match=re.escape("no backend '198.18.2.99' in service 'web'")):
+    with pytest.raises(
+        KeyError, match=re.escape("backend: no backend '198.18.2.99' in service 'web'")
+    ):
         rec.set_admin("web", "198.18.2.99", AdminState.DRAIN)
+    with pytest.raises(KeyError, match=re.escape("service: no service 'nope'")):
+        rec.set_admin("nope", "198.18.2.11", AdminState.DRAIN)
     assert rec.admin_overrides == {}
 
 

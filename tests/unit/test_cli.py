@@ -77,3 +77,23 @@ def test_every_command_help_has_an_example() -> None:
     assert {"run", "check", "status", "demo", "version", "explain", "cleanup"} <= set(commands)
     for name, sub in commands.items():
         assert "example:" in (sub.epilog or ""), name
+
+
+def test_commands_in_example_comments_parse() -> None:
+    """A `passlb …` command an example's comment gives must be one the CLI accepts."""
+    import re
+    import shlex
+
+    parser = build_parser()
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
+    quoted = [
+        (path.name, command)
+        for path in examples
+        for command in re.findall(r"`(passlb [^`]+)`", path.read_text())
+    ]
+    assert ("udp-dns.toml", "passlb backend-setup --vip 198.18.0.53") in quoted
+    for name, command in quoted:
+        try:
+            parser.parse_args(shlex.split(command)[1:])
+        except SystemExit as exit_:
+            raise AssertionError(f"{name}: `{command}` exits {exit_.code}") from None

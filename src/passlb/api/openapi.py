@@ -152,6 +152,32 @@ _SCHEMAS: dict[str, Any] = {
             "src_hash": {"type": ["integer", "null"]},
         },
     },
+    "History": {
+        "type": "object",
+        "description": "points `step` seconds apart, oldest first; null where nothing was "
+        "measured (active flows are counted only when status or /metrics is read)",
+        "properties": {
+            "step": {"type": "integer", "description": "seconds between points"},
+            "times": {"type": "array", "items": {"type": "number"}, "description": "Unix time"},
+            "series": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "service": {"type": "string"},
+                        "backend": {
+                            "type": ["string", "null"],
+                            "description": "null: the service's total",
+                        },
+                        **{
+                            name: {"type": "array", "items": {"type": ["number", "null"]}}
+                            for name in ("new_flows", "packets", "bytes", "active_flows")
+                        },
+                    },
+                },
+            },
+        },
+    },
     "BackendUpdate": {
         "type": "object",
         "minProperties": 1,
@@ -276,6 +302,23 @@ _PATHS: dict[str, Any] = {
                 "400": _ERROR,
                 "404": _ERROR,
             },
+        }
+    },
+    "/api/v1/history": {
+        "get": {
+            "summary": "Rates (new flows, packets, bytes per second) and active flows over "
+            "time: every service's total, or one service's total and one backend's",
+            "parameters": [
+                _query_param("service", "only this service", {"type": "string"}),
+                _query_param("backend", "also this backend key (with service)", {"type": "string"}),
+                _query_param(
+                    "seconds",
+                    "how far back (default 600): 1 s points up to 10 min, 10 s up to 1 h, "
+                    "60 s up to 6 h",
+                    {"type": "integer", "minimum": 10, "maximum": 21600},
+                ),
+            ],
+            "responses": {"200": _json("history", _ref("History")), "400": _ERROR, "404": _ERROR},
         }
     },
     "/api/v1/reload": {

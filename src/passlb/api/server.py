@@ -29,13 +29,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_FLOW_LIMIT = 1000
 MAX_FLOW_LIMIT = 100_000
+DEFAULT_HISTORY_SECONDS = 600
+MAX_HISTORY_SECONDS = 6 * 3600  # what the daemon keeps (telemetry.HISTORY_TIERS)
 
 
 class Control(Protocol):
     """What the API may ask of the daemon.
 
-    ``update_backend``, ``flows`` raise KeyError naming a missing service or
-    backend; ``update_backend`` raises ValueError for a weight out of bounds,
+    ``update_backend``, ``flows``, ``history`` raise KeyError naming a missing
+    service or backend; ``update_backend`` raises ValueError for a weight out of bounds,
     and changes nothing when it raises.
     """
 
@@ -44,6 +46,10 @@ class Control(Protocol):
     def events(self, since: int) -> list[dict[str, Any]]: ...
 
     def flows(self, service: str | None, backend: str | None) -> list[Flow]: ...
+
+    def service_modes(self) -> dict[str, str]: ...
+
+    def history(self, service: str | None, backend: str | None, seconds: int) -> dict[str, Any]: ...
 
     async def metrics(self) -> str: ...
 
@@ -195,7 +201,7 @@ def build_app(control: Control, token: str | None = None) -> web.Application:
         try:
             control.update_backend(service, key, state=state, weight=weight)
         except KeyError as err:
-            raise BadRequest(f"backend: {err.args[0]}", status=404) from None
+            raise BadRequest(str(err.args[0]), status=404) from None
         except ValueError as err:
             raise BadRequest(f"weight: {err}") from None
         changes = [state.value] if state is not None else []
@@ -215,9 +221,24 @@ def build_app(control: Control, token: str | None = None) -> web.Application:
             found = control.flows(query.get("service"), query.get("backend"))
         except KeyError as err:
             raise BadRequest(str(err.args[0]), status=404) from None
+        modes = control.service_modes()
         return web.json_response(
-            {"total": len(found), "flows": [flow_document(f) for f in found[:limit]]}
+            {
+                "total": len(found),
+                "flows": [flow_document(f, modes.get(f.service)) for f in found[:limit]],
+            }
         )
+
+    async def history(request: web.Request) -> web.Response:
+        query = _query(request, ("service", "backend", "seconds"))
+        seconds = _int_param(query, "seconds", DEFAULT_HISTORY_SECONDS, 10, MAX_HISTORY_SECONDS)
+        if "backend" in query and "service" not in query:
+            raise BadRequest("backend: needs service")
+        try:
+            found = control.history(query.get("service"), query.get("backend"), seconds)
+        except KeyError as err:
+            raise BadRequest(str(err.args[0]), status=404) from None
+        return web.json_response(found)
 
     async def reload(request: web.Request) -> web.Response:
         ok, issues = await control.reload()
@@ -238,6 +259,7 @@ def build_app(control: Control, token: str | None = None) -> web.Application:
     app.router.add_post("/api/v1/services/{service}/backends/{backend}", update_backend)
     app.router.add_get("/api/v1/events", events)
     app.router.add_get("/api/v1/flows", flows)
+    app.router.add_get("/api/v1/history", history)
     app.router.add_post("/api/v1/reload", reload)
     return app
 

@@ -1,4 +1,5 @@
-"""What the daemon remembers for operators: recent events, rates, timing histograms.
+"""What the daemon remembers for operators: recent events, rates, rate history,
+health transitions, timing histograms.
 
 Pure values fed by the daemon (no I/O, no clock of their own): the API, the
 status page and /metrics read them.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import bisect
 import collections
-from collections.abc import Mapping
+import math
+from array import array
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +104,195 @@ def _rates(before: BackendCounters, after: BackendCounters, elapsed: float) -> R
     )
 
 
+# The history keeps each series at three resolutions, so a graph can span
+# minutes at one point a second or hours at one a minute: (step s, points).
+HISTORY_TIERS = ((1, 600), (10, 360), (60, 360))  # 10 min, 1 h, 6 h
+HISTORY_METRICS = ("new_flows", "packets", "bytes", "active_flows")
+# A service's own series (the sum over its backends) has this backend key.
+SERVICE_TOTAL = ""
+
+SeriesKey = tuple[str, str]  # (service, backend key or SERVICE_TOTAL)
+
+
+class _Tier:
+    """One resolution: a ring of ``size`` points ``step`` seconds apart.
+
+    Samples falling into the same step are averaged into one point. Values
+    live in float32 arrays (16 bytes a point for the four metrics), so a
+    backend's whole history is about 21 KiB. Active flows are NaN where no
+    count was taken in that step (counting them walks the flow table: it is
+    not done every second).
+    """
+
+    def __init__(self, step: int, size: int) -> None:
+        self.step = step
+        self.size = size
+        self.times: collections.deque[float] = collections.deque(maxlen=size)
+        self.series: dict[SeriesKey, array[float]] = {}
+        self._bucket: int | None = None
+        self._sums: dict[SeriesKey, list[float]] = {}
+        self._counts: dict[SeriesKey, list[int]] = {}
+
+    def add(self, now: float, values: Mapping[SeriesKey, tuple[float, ...]]) -> None:
+        bucket = math.floor(now / self.step)
+        if self._bucket is not None and bucket != self._bucket:
+            self._close()
+        self._bucket = bucket
+        metrics = len(HISTORY_METRICS)
+        for key, sample in values.items():
+            sums = self._sums.setdefault(key, [0.0] * metrics)
+            counts = self._counts.setdefault(key, [0] * metrics)
+            for i, value in enumerate(sample):
+                if not math.isnan(value):
+                    sums[i] += value
+                    counts[i] += 1
+
+    def _close(self) -> None:
+        """The finished step becomes a point of every series (NaN where it had no sample)."""
+        assert self._bucket is not None
+        metrics = len(HISTORY_METRICS)
+        full = len(self.times) == self.size
+        self.times.append(float(self._bucket * self.step))
+        for key in self._sums.keys() - self.series.keys():
+            # A series first seen now has nothing before: NaN for the points so far.
+            self.series[key] = array("f", [math.nan] * (metrics * (len(self.times) - 1)))
+        for key, values in self.series.items():
+            sums = self._sums.get(key)
+            counts = self._counts.get(key)
+            point = [
+                sums[i] / counts[i]
+                if sums is not None and counts is not None and counts[i]
+                else math.nan
+                for i in range(metrics)
+            ]
+            if full:
+                del values[:metrics]
+            values.extend(point)
+        self._sums.clear()
+        self._counts.clear()
+
+    def forget(self, keep: Iterable[SeriesKey]) -> None:
+        wanted = set(keep)
+        for key in self.series.keys() - wanted:
+            del self.series[key]
+
+    def read(self, key: SeriesKey) -> dict[str, list[float | None]]:
+        values = self.series.get(key)
+        metrics = len(HISTORY_METRICS)
+        points = len(self.times)
+        if values is None:
+            return {name: [None] * points for name in HISTORY_METRICS}
+        return {
+            name: [_finite(values[p * metrics + i]) for p in range(points)]
+            for i, name in enumerate(HISTORY_METRICS)
+        }
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 3)
+
+
+class History:
+    """Rates and active flows per backend and per service, over minutes to hours.
+
+    Fed by the daemon: ``observe_rates`` each time the counter sampler has new
+    rates, ``observe_active`` whenever active flows were counted (a status or
+    metrics read). Bounded: HISTORY_TIERS points per series, and ``forget``
+    drops series of services and backends a reload removed.
+    """
+
+    def __init__(self, tiers: tuple[tuple[int, int], ...] = HISTORY_TIERS) -> None:
+        self.tiers = tuple(_Tier(step, size) for step, size in tiers)
+        self._active: dict[SeriesKey, float] = {}
+
+    def observe_active(self, counters: Mapping[str, ServiceCounters]) -> None:
+        """Active flows just counted; the next rates sample carries them."""
+        for service, svc in counters.items():
+            for key, c in svc.backends.items():
+                self._active[(service, key)] = float(c.active_flows)
+            self._active[(service, SERVICE_TOTAL)] = float(svc.total.active_flows)
+
+    def observe_rates(self, now: float, rates: Mapping[SeriesKey, Rates]) -> None:
+        values: dict[SeriesKey, tuple[float, ...]] = {}
+        totals: dict[str, list[float]] = {}
+        for (service, backend), r in rates.items():
+            values[(service, backend)] = (
+                r.new_flows,
+                r.packets,
+                r.bytes,
+                self._active.pop((service, backend), math.nan),
+            )
+            total = totals.setdefault(service, [0.0, 0.0, 0.0])
+            total[0] += r.new_flows
+            total[1] += r.packets
+            total[2] += r.bytes
+        for service, (new_flows, packets, nbytes) in totals.items():
+            active = self._active.pop((service, SERVICE_TOTAL), math.nan)
+            values[(service, SERVICE_TOTAL)] = (new_flows, packets, nbytes, active)
+        for tier in self.tiers:
+            tier.add(now, values)
+
+    def forget(self, keep: Iterable[SeriesKey]) -> None:
+        """Drop every series not in ``keep`` (after a reload)."""
+        wanted = set(keep)
+        for tier in self.tiers:
+            tier.forget(wanted)
+
+    def tier_for(self, seconds: float) -> _Tier:
+        """The finest tier whose ring spans ``seconds``, else the coarsest."""
+        for tier in self.tiers:
+            if tier.step * tier.size >= seconds:
+                return tier
+        return self.tiers[-1]
+
+    def read(self, keys: Iterable[SeriesKey], seconds: float) -> dict[str, Any]:
+        """The last ``seconds`` of each series in ``keys``, at the tier that spans them."""
+        tier = self.tier_for(seconds)
+        skip = max(0, len(tier.times) - math.ceil(seconds / tier.step))
+        times = list(tier.times)[skip:]
+        return {
+            "step": tier.step,
+            "times": times,
+            "series": [
+                {
+                    "service": service,
+                    "backend": backend or None,
+                    **{
+                        name: points[skip:]
+                        for name, points in tier.read((service, backend)).items()
+                    },
+                }
+                for service, backend in keys
+            ],
+        }
+
+
+HEALTH_HISTORY_LENGTH = 8  # transitions kept per backend
+
+
+class HealthHistory:
+    """The last health transitions of each backend, with their reasons."""
+
+    def __init__(self, length: int = HEALTH_HISTORY_LENGTH) -> None:
+        self._length = length
+        self._transitions: dict[tuple[str, str], collections.deque[dict[str, Any]]] = {}
+
+    def add(self, service: str, backend: str, at: float, healthy: bool, reason: str) -> None:
+        ring = self._transitions.setdefault(
+            (service, backend), collections.deque(maxlen=self._length)
+        )
+        ring.append({"at": at, "health": "up" if healthy else "down", "reason": reason})
+
+    def of(self, service: str, backend: str) -> list[dict[str, Any]]:
+        """Newest first."""
+        return list(reversed(self._transitions.get((service, backend), ())))
+
+    def forget(self, keep: Iterable[tuple[str, str]]) -> None:
+        wanted = set(keep)
+        for key in self._transitions.keys() - wanted:
+            del self._transitions[key]
+
+
 @dataclass
 class Histogram:
     """A Prometheus-style cumulative histogram (buckets are upper bounds)."""
@@ -135,6 +327,8 @@ class Telemetry:
 
     events: EventLog = field(default_factory=EventLog)
     rates: RateTracker = field(default_factory=RateTracker)
+    history: History = field(default_factory=History)
+    health_history: HealthHistory = field(default_factory=HealthHistory)
     apply_duration: Histogram = field(default_factory=Histogram)
     ring_build: Histogram = field(default_factory=Histogram)
     reloads: int = 0

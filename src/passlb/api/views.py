@@ -21,7 +21,7 @@ from passlb.control.reconciler import ApplyRecord
 from passlb.dataplane.base import BackendCounters, Driver, Flow, ServiceCounters
 from passlb.errors import PasslbError
 from passlb.health.policy import HealthRecord
-from passlb.model import Config, Mode
+from passlb.model import Config, Mode, PortSet
 from passlb.state import DesiredState
 
 
@@ -100,7 +100,7 @@ def status_document(
                 "name": svc.name,
                 "vip": str(svc.vip),
                 "protocol": svc.protocol.value,
-                "ports": str(svc.ports),
+                "ports": ports_document(svc.ports),
                 "mode": svc.mode.value,
                 "dropping": sd is not None and sd.ring is None,
                 "dropped": svc_counters.dropped,
@@ -134,6 +134,18 @@ def status_document(
         "last_event": snap.last_event,
         "errors": errors,
     }
+
+
+def ports_document(ports: PortSet) -> list[int | str]:
+    """The ports as the config writes them: [443, "8000-8100"]; every port is
+    ["1-65535"], so scripts always get a list."""
+    if ports.all_ports:
+        return ["1-65535"]
+    return [r.first if r.first == r.last else f"{r.first}-{r.last}" for r in ports.ranges]
+
+
+def ports_text(ports: list[int | str]) -> str:
+    return "all" if ports == ["1-65535"] else ",".join(str(p) for p in ports)
 
 
 def read_counters(drivers: Mapping[Mode, Driver]) -> tuple[dict[str, ServiceCounters], list[str]]:
@@ -182,12 +194,15 @@ def _sync_state(applied: DesiredState | None, desired: DesiredState | None) -> d
     return {"in_sync": diff.empty, "pending": "" if diff.empty else str(diff)}
 
 
-def flow_document(flow: Flow) -> dict[str, Any]:
+def flow_document(flow: Flow, mode: str | None) -> dict[str, Any]:
+    """One flow as JSON. A dsr IPv6 flow-table entry holds a hash of the client
+    address, not the address: then ``src`` is null and ``src_hash`` holds it."""
     return {
         "service": flow.service,
+        "mode": mode,
         "backend": flow.backend,
         "protocol": flow.protocol,
-        "src": str(flow.src),
+        "src": None if flow.src_hash is not None else str(flow.src),
         "src_port": flow.src_port,
         "dst": str(flow.dst),
         "dst_port": flow.dst_port,
@@ -232,7 +247,7 @@ def format_status(doc: dict[str, Any]) -> str:
         drop = "  (no backend serving: dropping new flows)" if svc["dropping"] else ""
         lines.append("")
         lines.append(
-            f"{svc['name']}  {svc['protocol']} {svc['vip']} ports {svc['ports']}  "
+            f"{svc['name']}  {svc['protocol']} {svc['vip']} ports {ports_text(svc['ports'])}  "
             f"mode {svc['mode']}{drop}"
         )
         lines.append(header)
@@ -258,25 +273,51 @@ def format_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+EVENT_TIME_FORMAT = "%H:%M:%S"  # local time, 24-hour; the status page shows the same
+
+
 def format_events(events: list[dict[str, Any]]) -> str:
     return "\n".join(
-        f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))} {e['kind']:<7} {e['message']}"
+        f"  {time.strftime(EVENT_TIME_FORMAT, time.localtime(e['at']))} {e['kind']:<7} "
+        f"{e['message']}"
         for e in events
     )
 
 
+def flow_client(flow: Mapping[str, Any]) -> str:
+    """The client of a flow: address:port, or for a hashed dsr IPv6 entry
+    "hash:xxxxxxxx" and the port, so it never reads as an address."""
+    if flow["src_hash"] is not None:
+        return f"hash:{flow['src_hash']:08x} port {flow['src_port']}"
+    src = flow["src"]
+    return f"[{src}]:{flow['src_port']}" if ":" in src else f"{src}:{flow['src_port']}"
+
+
+DSR_FLOW_NOTE = (
+    "dsr: these are flow-table entries, refreshed by each packet from the client. The load"
+    " balancer never sees the backend's packets (its FIN included), so a finished TCP"
+    " connection stays listed until it has been idle for tcp_timeout."
+)
+HASH_NOTE = (
+    "hash:…: dsr IPv6 flow tables keep a 32-bit hash of the client address, not the address."
+)
+
+
 def format_flows(flows: list[dict[str, Any]], total: int) -> str:
     lines = [
-        f"{'service':<12} {'backend':<24} {'proto':<5} {'client':<40} {'vip':<40} {'expires':>8}"
+        f"{'service':<12} {'backend':<24} {'proto':<5} {'client':<42} {'vip':<42} {'expires':>8}"
     ]
     for f in flows:
-        client = f"{f['src']}:{f['src_port']}" if f["src_hash"] is None else f"#{f['src_hash']:08x}"
         expires = "-" if f["expires_in"] is None else f"{f['expires_in']:.0f}s"
-        vip = f"{f['dst']}:{f['dst_port']}"
+        vip = f"[{f['dst']}]:{f['dst_port']}" if ":" in f["dst"] else f"{f['dst']}:{f['dst_port']}"
         lines.append(
-            f"{f['service']:<12} {f['backend']:<24} {f['protocol']:<5} {client:<40} "
-            f"{vip:<40} {expires:>8}"
+            f"{f['service']:<12} {f['backend']:<24} {f['protocol']:<5} {flow_client(f):<42} "
+            f"{vip:<42} {expires:>8}"
         )
     shown = len(flows)
     lines.append(f"{total} flow(s)" + ("" if shown == total else f", {shown} shown"))
+    if any(f["src_hash"] is not None for f in flows):
+        lines.append(HASH_NOTE)
+    if any(f.get("mode") == "dsr" for f in flows):
+        lines.append(DSR_FLOW_NOTE)
     return "\n".join(lines)

@@ -190,7 +190,7 @@ class Reconciler:
 
     def set_admin(self, service: str, backend: str, state: AdminState) -> None:
         """A runtime admin change; raises KeyError when there is no such backend."""
-        self._check_backend(service, backend)
+        self.check_names(service, backend)
         self.admin_overrides[(service, backend)] = state
         self._note_drains()
         self._dirty.set()
@@ -201,16 +201,20 @@ class Reconciler:
         Raises KeyError when there is no such backend, ValueError for a weight
         outside the config's bounds; either way nothing changes.
         """
-        self._check_backend(service, backend)
+        self.check_names(service, backend)
         if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
             raise ValueError(f"must be between {MIN_WEIGHT} and {MAX_WEIGHT}, got {weight}")
         self.weight_overrides[(service, backend)] = weight
         self._dirty.set()
 
-    def _check_backend(self, service: str, backend: str) -> None:
+    def check_names(self, service: str, backend: str | None) -> None:
+        """KeyError naming the field ("service: …" or "backend: …") when there
+        is no such service, or no such backend in it (backend None: not asked)."""
         svc = self.config.service(service)
-        if svc is None or svc.backend(backend) is None:
-            raise KeyError(f"no backend {backend!r} in service {service!r}")
+        if svc is None:
+            raise KeyError(f"service: no service {service!r}")
+        if backend is not None and svc.backend(backend) is None:
+            raise KeyError(f"backend: no backend {backend!r} in service {service!r}")
 
     def request_full_resync(self) -> None:
         self._need_full = True
