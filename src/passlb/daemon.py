@@ -388,9 +388,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, on_reload)
 
         # The API first: an address in use stops the start before the kernel is written.
-        listen = self.config.api.listen
+        settings = self.config.api
+        listen = settings.listen
+        app = build_app(self, settings.token, read_without_token=settings.read_without_token)
         try:
-            api = await start_api(build_app(self, self.config.api.token), listen)
+            api = await start_api(app, listen)
         except OSError as err:
             raise PasslbError(f"api.listen: cannot listen on {listen}: {err.strerror}") from None
         log.info("admin API listening on %s", listen)

@@ -290,6 +290,9 @@ class Service:
 class ApiSettings:
     listen: str = "127.0.0.1:9180"  # host:port, or unix:/path
     token: str | None = None
+    # With a token: reads (status, events, history, flows, /metrics) need none;
+    # changes still do. For a read-only status page on a wall screen.
+    read_without_token: bool = False
 
 
 @dataclass(frozen=True)

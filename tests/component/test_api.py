@@ -101,8 +101,11 @@ def control() -> FakeControl:
     return FakeControl()
 
 
-async def client_for(control: FakeControl, token: str | None = None) -> TestClient[Any, Any]:
-    client: TestClient[Any, Any] = TestClient(TestServer(build_app(control, token)))
+async def client_for(
+    control: FakeControl, token: str | None = None, *, read_without_token: bool = False
+) -> TestClient[Any, Any]:
+    app = build_app(control, token, read_without_token=read_without_token)
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
     await client.start_server()
     return client
 
@@ -343,8 +346,18 @@ async def test_status_page_and_assets_are_served(client: TestClient[Any, Any]) -
 async def test_token_required_when_configured(control: FakeControl) -> None:
     c = await client_for(control, token="s3cret")
     try:
-        for path in ("/api/v1/status", "/metrics", "/api/v1/events", "/api/v1/flows"):
+        for path in (
+            "/api/v1/status",
+            "/metrics",
+            "/api/v1/events",
+            "/api/v1/flows",
+            "/api/v1/history",
+        ):
             assert (await c.get(path)).status == 401, path
+        access = await c.get("/api/v1/access")
+        assert await access.json() == {"token_required": True, "read": False, "change": False}
+        access = await c.get("/api/v1/access", headers={"Authorization": "Bearer s3cret"})
+        assert await access.json() == {"token_required": True, "read": True, "change": True}
         bad = await c.get("/api/v1/status", headers={"Authorization": "Bearer nope"})
         assert bad.status == 401
         assert (await bad.json())["error"].startswith("Authorization:")
@@ -359,6 +372,31 @@ async def test_token_required_when_configured(control: FakeControl) -> None:
         assert (await c.get("/static/app.js")).status == 200
     finally:
         await c.close()
+
+
+async def test_read_without_token_opens_reads_only(control: FakeControl) -> None:
+    c = await client_for(control, token="s3cret", read_without_token=True)
+    try:
+        for path in ("/api/v1/status", "/metrics", "/api/v1/events", "/api/v1/history"):
+            assert (await c.get(path)).status == 200, path
+        access = await c.get("/api/v1/access")
+        assert await access.json() == {"token_required": True, "read": True, "change": False}
+        refused = await c.post(BACKEND_PATH, json={"state": "drain"})
+        assert refused.status == 401
+        assert (await c.post("/api/v1/reload", json={})).status == 401
+        assert control.updates == []
+        ok = await c.post(
+            BACKEND_PATH, json={"state": "drain"}, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert ok.status == 200
+        assert control.updates == [("web", BACKEND, AdminState.DRAIN, None)]
+    finally:
+        await c.close()
+
+
+async def test_access_without_a_token_configured(client: TestClient[Any, Any]) -> None:
+    access = await client.get("/api/v1/access")
+    assert await access.json() == {"token_required": False, "read": True, "change": True}
 
 
 def _routes(app: web.Application) -> set[tuple[str, str]]:

@@ -470,6 +470,15 @@ def test_a_public_api_with_a_token_and_a_loopback_or_unix_api_without_one() -> N
         assert config.api == ApiSettings(listen=listen)
 
 
+def test_api_reads_without_token() -> None:
+    text = '[api]\nlisten = "198.18.0.1:9180"\ntoken = "s3cret"\nread_without_token = true\n'
+    assert parse_config(text).api == ApiSettings(
+        listen="198.18.0.1:9180", token="s3cret", read_without_token=True
+    )
+    with pytest.raises(ConfigError, match=r"api\.read_without_token"):
+        parse_config(text.replace("= true", '= "yes"'))
+
+
 def test_a_big_service_with_a_big_enough_prime_ring() -> None:
     backends = "".join(
         f'[[services.backends]]\naddress = "198.18.{2 + i // 250}.{1 + i % 250}"\n'

@@ -206,6 +206,30 @@ _PATHS: dict[str, Any] = {
     "/api/v1/openapi.json": {
         "get": {"summary": "This description", "responses": {"200": _json("OpenAPI", {})}}
     },
+    "/api/v1/access": {
+        "get": {
+            "summary": "What this request's credentials allow (no token needed to ask)",
+            "responses": {
+                "200": _json(
+                    "access",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "token_required": {
+                                "type": "boolean",
+                                "description": "the API has a token",
+                            },
+                            "read": {"type": "boolean", "description": "GET requests are allowed"},
+                            "change": {
+                                "type": "boolean",
+                                "description": "POST requests (drain, weight, reload) are allowed",
+                            },
+                        },
+                    },
+                )
+            },
+        }
+    },
     "/api/v1/status": {
         "get": {
             "summary": "Everything passlb status shows",

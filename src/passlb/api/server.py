@@ -2,8 +2,9 @@
 
 Bound to 127.0.0.1 by default (or a unix socket); on any other address a bearer
 token is required (the config validator refuses to start without one). With a
-token set, everything but the status page's static files needs it, /metrics
-included. Every bad request gets a 4xx JSON body {"error": "<field>: <reason>"}
+token set, everything but the status page's static files and /api/v1/access
+needs it, /metrics included; with ``read_without_token`` only changes (POST)
+need it. Every bad request gets a 4xx JSON body {"error": "<field>: <reason>"}
 and changes nothing. openapi.py describes every route (a test keeps them equal).
 """
 
@@ -132,8 +133,16 @@ def _find_service(doc: dict[str, Any], name: str) -> dict[str, Any]:
     raise BadRequest(f"service: no service {name!r}", status=404)
 
 
-def build_app(control: Control, token: str | None = None) -> web.Application:
-    public = {"/", "/favicon.ico"}
+def build_app(
+    control: Control, token: str | None = None, *, read_without_token: bool = False
+) -> web.Application:
+    public = {"/", "/favicon.ico", "/api/v1/access"}
+
+    def authorized(request: web.Request) -> bool:
+        if token is None:
+            return True
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -151,11 +160,21 @@ def build_app(control: Control, token: str | None = None) -> web.Application:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         static = request.path in public or request.path.startswith("/static/")
-        if token is not None and not static:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return _error(401, "Authorization: a valid bearer token is required")
+        reading = request.method in ("GET", "HEAD") and read_without_token
+        if not (static or reading or authorized(request)):
+            return _error(401, "Authorization: a valid bearer token is required")
         return await handler(request)
+
+    async def access(request: web.Request) -> web.Response:
+        """What this client may do, so the status page knows whether to offer actions."""
+        can_change = authorized(request)
+        return web.json_response(
+            {
+                "token_required": token is not None,
+                "read": can_change or read_without_token,
+                "change": can_change,
+            }
+        )
 
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "index.html")
@@ -252,6 +271,7 @@ def build_app(control: Control, token: str | None = None) -> web.Application:
     app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/openapi.json", openapi)
+    app.router.add_get("/api/v1/access", access)
     app.router.add_get("/api/v1/status", status)
     app.router.add_get("/api/v1/services", services)
     app.router.add_get("/api/v1/services/{service}", service)

@@ -97,6 +97,7 @@ class LiveDaemon:
         *,
         unix_api: bool = False,
         token: str | None = None,
+        read_without_token: bool = False,
         log_format: str = "json",
     ) -> None:
         block = loopback_block()
@@ -110,6 +111,7 @@ class LiveDaemon:
             f"unix:{self.workdir / 'api.sock'}" if unix_api else f"{api_host}:{free_port(api_host)}"
         )
         self.token = token
+        self.read_without_token = read_without_token
         self.log_format = log_format
         self.config_path = self.workdir / "passlb.toml"
         self.log_path = self.workdir / "daemon.log"
@@ -129,6 +131,8 @@ class LiveDaemon:
             for b in self.backends
         )
         token = "" if self.token is None else f'token = "{self.token}"\n'
+        if self.read_without_token:
+            token += "read_without_token = true\n"
         return f"""\
 [api]
 listen = "{self.api}"

@@ -76,7 +76,7 @@ MAX_BACKENDS = 65535
 _MANY = 10_000_000
 
 TOP_KEYS = ("interfaces", "api", "log", "proxy", "services")
-API_KEYS = ("listen", "token")
+API_KEYS = ("listen", "token", "read_without_token")
 PROXY_SETTINGS_KEYS = ("workers",)
 LOG_KEYS = ("level", "format")
 SERVICE_KEYS = (
@@ -192,7 +192,8 @@ def _api(table: Table | None) -> ApiSettings:
             f"required when api.listen ({listen}) is reachable from other machines"
             " (not loopback or a unix socket)",
         )
-    return ApiSettings(listen=listen, token=token)
+    read_without_token = table.get("read_without_token", boolean, False)
+    return ApiSettings(listen=listen, token=token, read_without_token=read_without_token)
 
 
 def _proxy_settings(table: Table | None) -> ProxySettings:

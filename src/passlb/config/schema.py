@@ -275,6 +275,11 @@ def config_schema() -> dict[str, object]:
                         "minLength": 1,
                         "description": "required unless listen is loopback or unix",
                     },
+                    "read_without_token": {
+                        "type": "boolean",
+                        "default": False,
+                        "description": "reads need no token; changes still do",
+                    },
                 }
             ),
             "log": _table(
