@@ -322,6 +322,7 @@ class Daemon:
             reload_failures=self.telemetry.reload_failures,
             last_reload=dict(self.last_reload),
             last_event=self.telemetry.events.last_seq,
+            health_history=self.telemetry.health_history.all(),
         )
 
     def _forget_removed(self, config: Config) -> None:

@@ -24,6 +24,9 @@ def _doc(**backend_overrides: Any) -> dict[str, Any]:
         "admin": "drain",
         "weight": 5,
         "ring_weight": 0,
+        "reported_weight": 7,
+        "ring_slots": 0,
+        "role": "drained",
         "packets": 10,
         "bytes": 1500,
         "new_flows": 3,
@@ -73,6 +76,10 @@ def test_render_values_from_the_document() -> None:
     assert _value(samples, "passlb_backend_health_check_duration_seconds", **labels) == 0.0025
     assert _value(samples, "passlb_backend_weight", **labels) == 5
     assert _value(samples, "passlb_backend_ring_weight", **labels) == 0
+    assert _value(samples, "passlb_backend_reported_weight", **labels) == 7
+    assert _value(samples, "passlb_backend_ring_slots", **labels) == 0
+    assert _value(samples, "passlb_backend_role", role="drained", **labels) == 1
+    assert _value(samples, "passlb_backend_role", role="draining", **labels) == 0
     assert _value(samples, "passlb_backend_admin_state", state="drain", **labels) == 1
     assert _value(samples, "passlb_backend_admin_state", state="enabled", **labels) == 0
     assert _value(samples, "passlb_service_dropped_packets_total", service="web") == 4
@@ -98,10 +105,15 @@ def test_render_values_from_the_document() -> None:
 
 def test_down_backend_and_unknown_latency() -> None:
     samples = parse(
-        render_metrics(_doc(health="unknown", check_latency=None), Histogram(), Histogram())
+        render_metrics(
+            _doc(health="unknown", check_latency=None, reported_weight=None),
+            Histogram(),
+            Histogram(),
+        )
     )
     assert _value(samples, "passlb_backend_up", service="web") == 0
     assert "passlb_backend_health_check_duration_seconds" not in samples
+    assert "passlb_backend_reported_weight" not in samples
 
 
 def test_label_values_are_escaped() -> None:

@@ -54,9 +54,25 @@ BACKEND_METRICS = (
         "The backend's configured weight (runtime overrides included).",
     ),
     MetricInfo(
+        "passlb_backend_reported_weight",
+        "gauge",
+        "The weight the backend's health check reports (absent when it reports none).",
+    ),
+    MetricInfo(
         "passlb_backend_ring_weight",
         "gauge",
         "The weight the backend's Maglev ring was built with (0: takes no new flows).",
+    ),
+    MetricInfo(
+        "passlb_backend_ring_slots",
+        "gauge",
+        "Slots of the service's Maglev ring the backend holds (its share of new flows).",
+    ),
+    MetricInfo(
+        "passlb_backend_role",
+        "gauge",
+        "1 for the backend's role (active, standby, draining, drained, down, disabled),"
+        " 0 for the others.",
     ),
     MetricInfo(
         "passlb_backend_admin_state",
@@ -107,6 +123,7 @@ DAEMON_METRICS = (
 ALL_METRICS = BACKEND_METRICS + SERVICE_METRICS + DAEMON_METRICS
 
 ADMIN_STATES = ("enabled", "drain", "disabled")
+ROLES = ("active", "standby", "draining", "drained", "down", "disabled")
 
 
 def escape_label(value: str) -> str:
@@ -158,7 +175,12 @@ def render_metrics(doc: Mapping[str, Any], apply_duration: Histogram, ring_build
             if b["check_latency"] is not None:
                 add("passlb_backend_health_check_duration_seconds", labels, b["check_latency"])
             add("passlb_backend_weight", labels, b["weight"])
+            if b["reported_weight"] is not None:
+                add("passlb_backend_reported_weight", labels, b["reported_weight"])
             add("passlb_backend_ring_weight", labels, b["ring_weight"])
+            add("passlb_backend_ring_slots", labels, b["ring_slots"])
+            for role in ROLES:
+                add("passlb_backend_role", {**labels, "role": role}, 1 if b["role"] == role else 0)
             for state in ADMIN_STATES:
                 add(
                     "passlb_backend_admin_state",

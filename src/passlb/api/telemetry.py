@@ -287,6 +287,10 @@ class HealthHistory:
         """Newest first."""
         return list(reversed(self._transitions.get((service, backend), ())))
 
+    def all(self) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Every backend's transitions, newest first."""
+        return {key: list(reversed(ring)) for key, ring in self._transitions.items()}
+
     def forget(self, keep: Iterable[tuple[str, str]]) -> None:
         wanted = set(keep)
         for key in self._transitions.keys() - wanted:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from passlb import __version__
@@ -22,7 +22,7 @@ from passlb.dataplane.base import BackendCounters, Driver, Flow, ServiceCounters
 from passlb.errors import PasslbError
 from passlb.health.policy import HealthRecord
 from passlb.model import Config, Mode, PortSet
-from passlb.state import DesiredState
+from passlb.state import BackendRole, DesiredState, ServiceDesired
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class StatusSnapshot:
     reload_failures: int
     last_reload: Mapping[str, Any]
     last_event: int
+    # (service, backend key) -> the last health transitions, newest first
+    health_history: Mapping[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def status_document(
@@ -59,6 +61,7 @@ def status_document(
         sd = desired.service(svc.name) if desired else None
         from_file = snap.config.service(svc.name)
         svc_counters = counters.get(svc.name, ServiceCounters())
+        slots = _ring_slots(sd)
         backends = []
         for b in svc.backends:
             bd = sd.backend(b.key) if sd else None
@@ -67,6 +70,8 @@ def status_document(
             rates = snap.rates.get((svc.name, b.key), Rates())
             configured = from_file.backend(b.key) if from_file else None
             deadline = bd.drain_deadline if bd else None
+            # A drain whose deadline passed is over: its flows were cut.
+            drained = deadline is not None and snap.now >= deadline
             backends.append(
                 {
                     "key": b.key,
@@ -77,13 +82,17 @@ def status_document(
                     "health": record.state.value if record else "unknown",
                     "health_reason": record.reason if record else "",
                     "check_latency": record.latency if record else None,
-                    "role": bd.role.value if bd else "unknown",
+                    "health_history": snap.health_history.get((svc.name, b.key), []),
+                    "role": "drained" if drained else bd.role.value if bd else "unknown",
                     "weight": b.weight,
                     "config_weight": configured.weight if configured else b.weight,
+                    "reported_weight": record.weight if record else None,
                     "ring_weight": bd.weight if bd else 0,
+                    "ring_slots": slots.get(b.key, 0),
+                    "ring_share": 100.0 * slots.get(b.key, 0) / svc.ring_size,
                     "drain_deadline_in": None
-                    if deadline is None
-                    else max(0.0, deadline - snap.now),
+                    if deadline is None or drained
+                    else deadline - snap.now,
                     "packets": c.packets,
                     "bytes": c.bytes,
                     "new_flows": c.new_flows,
@@ -103,6 +112,7 @@ def status_document(
                 "ports": ports_document(svc.ports),
                 "mode": svc.mode.value,
                 "dropping": sd is not None and sd.ring is None,
+                **_reported_weights(sd, snap.health, svc.name),
                 "dropped": svc_counters.dropped,
                 "drops": dict(sorted(svc_counters.drops.items())),
                 "active_flows": svc_counters.total.active_flows,
@@ -133,6 +143,54 @@ def status_document(
         "last_reload": dict(snap.last_reload),
         "last_event": snap.last_event,
         "errors": errors,
+    }
+
+
+def _ring_slots(sd: ServiceDesired | None) -> dict[str, int]:
+    """Slots of the service's ring held by each backend key."""
+    if sd is None or sd.ring is None:
+        return {}
+    return {b.key: n for b, n in zip(sd.backends, sd.ring.counts(), strict=True)}
+
+
+def _reported_weights(
+    sd: ServiceDesired | None, health: Mapping[tuple[str, str], HealthRecord], service: str
+) -> dict[str, str]:
+    """Whether the backends' reported weights build the ring, and why not.
+
+    The pool rule (control/desired.py, rule 6): reports replace the static
+    weights only when every serving backend reports one and not all report 0.
+    Serving: healthy and in the ring, or out of it by a reported 0.
+    """
+    if sd is None:
+        return {"reported_weights": "none", "reported_weights_note": ""}
+    reported = {}
+    for b in sd.backends:
+        record = health.get((service, b.key))
+        reported[b.key] = record.weight if record else None
+    serving = [
+        b.key
+        for b in sd.backends
+        if b.healthy
+        and (
+            b.role is BackendRole.ACTIVE or (b.role is BackendRole.STANDBY and reported[b.key] == 0)
+        )
+    ]
+    reports = [reported[key] for key in serving if reported[key] is not None]
+    if not reports:
+        return {"reported_weights": "none", "reported_weights_note": ""}
+    if len(reports) < len(serving):
+        note = (
+            f"only {len(reports)} of {len(serving)} serving backends report a weight;"
+            " the static weights apply (every one must report)"
+        )
+        return {"reported_weights": "ignored", "reported_weights_note": note}
+    if not any(reports):
+        note = "every serving backend reports 0; the static weights apply"
+        return {"reported_weights": "ignored", "reported_weights_note": note}
+    return {
+        "reported_weights": "used",
+        "reported_weights_note": "the ring is built with the weights the backends report",
     }
 
 
@@ -239,9 +297,9 @@ def format_status(doc: dict[str, Any]) -> str:
     for err in doc.get("errors", []):
         lines.append(f"counter read failed: {err}")
     header = (
-        f"  {'backend':<24} {'health':<7} {'role':<8} {'admin':<8} {'weight':>6} {'ring':>6} "
-        f"{'flows':>6} {'new':>8} {'packets':>10} {'bytes':>12} {'flows/s':>7} "
-        f"{'pkt/s':>7} {'B/s':>7}"
+        f"  {'backend':<24} {'health':<7} {'role':<8} {'admin':<8} {'weight':>6} "
+        f"{'reported':>8} {'ring':>6} {'share':>6} {'flows':>6} {'new':>8} {'packets':>10} "
+        f"{'bytes':>12} {'flows/s':>7} {'pkt/s':>7} {'B/s':>7}"
     )
     for svc in doc["services"]:
         drop = "  (no backend serving: dropping new flows)" if svc["dropping"] else ""
@@ -250,18 +308,23 @@ def format_status(doc: dict[str, Any]) -> str:
             f"{svc['name']}  {svc['protocol']} {svc['vip']} ports {ports_text(svc['ports'])}  "
             f"mode {svc['mode']}{drop}"
         )
+        if svc.get("reported_weights", "none") != "none":
+            lines.append(
+                f"  reported weights {svc['reported_weights']}: {svc['reported_weights_note']}"
+            )
         lines.append(header)
         for b in svc["backends"]:
             name = b["key"] + (" (backup)" if b["backup"] else "")
             rates = b.get("rates", {})
             extra = ""
             if b.get("drain_deadline_in") is not None:
-                extra = f"  drain ends in {b['drain_deadline_in']:.0f}s"
+                extra = f"  drain ends in {max(0.0, b['drain_deadline_in']):.0f}s"
             if b["health"] == "down" and b.get("health_reason"):
                 extra += f"  ({b['health_reason']})"
             lines.append(
                 f"  {name:<24} {b['health']:<7} {b['role']:<8} {b['admin']:<8} "
-                f"{b['weight']:>6} {b['ring_weight']:>6} {b['active_flows']:>6} "
+                f"{b['weight']:>6} {_or_dash(b.get('reported_weight')):>8} {b['ring_weight']:>6} "
+                f"{b.get('ring_share', 0.0):>5.1f}% {b['active_flows']:>6} "
                 f"{b['new_flows']:>8} {b['packets']:>10} {b['bytes']:>12} "
                 f"{human_rate(rates.get('new_flows', 0.0)):>7} "
                 f"{human_rate(rates.get('packets', 0.0)):>7} "
@@ -271,6 +334,10 @@ def format_status(doc: dict[str, Any]) -> str:
         if drops:
             lines.append("  dropped: " + ", ".join(f"{r} {n}" for r, n in drops.items()))
     return "\n".join(lines)
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 EVENT_TIME_FORMAT = "%H:%M:%S"  # local time, 24-hour; the status page shows the same
