@@ -333,7 +333,7 @@ class Daemon:
 
     async def status(self) -> dict[str, Any]:
         counters, errors = await gather_counters(self.drivers)
-        self.telemetry.history.observe_active(counters)
+        self.telemetry.history.observe_active(time.time(), counters)
         return status_document(self.snapshot(), counters, errors)
 
     # -- running --------------------------------------------------------------

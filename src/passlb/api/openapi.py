@@ -73,11 +73,36 @@ _SCHEMAS: dict[str, Any] = {
             "health": {"enum": ["unknown", "up", "down"]},
             "health_reason": {"type": "string"},
             "check_latency": {"type": ["number", "null"], "description": "seconds"},
-            "role": {"enum": ["active", "standby", "draining", "down", "disabled", "unknown"]},
+            "health_history": {
+                "type": "array",
+                "description": "the last health transitions, newest first",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "at": {"type": "number", "description": "Unix time"},
+                        "health": {"enum": ["up", "down"]},
+                        "reason": {"type": "string"},
+                    },
+                },
+            },
+            "role": {
+                "enum": ["active", "standby", "draining", "drained", "down", "disabled", "unknown"],
+                "description": "drained: a drain whose deadline passed (its flows were cut)",
+            },
             "weight": {"type": "integer", "description": "static weight (runtime override)"},
             "config_weight": {"type": "integer", "description": "weight in the config file"},
+            "reported_weight": {
+                "type": ["integer", "null"],
+                "description": "weight the health check reports; null: none reported",
+            },
             "ring_weight": {"type": "integer", "description": "weight the ring was built with"},
-            "drain_deadline_in": {"type": ["number", "null"], "description": "seconds"},
+            "ring_slots": {"type": "integer", "description": "slots of the ring it holds"},
+            "ring_share": {"type": "number", "description": "ring_slots as % of the ring"},
+            "drain_deadline_in": {
+                "type": ["number", "null"],
+                "description": "seconds until a draining backend's flows are cut; null when "
+                "none is pending (not draining, or drained)",
+            },
             "packets": {"type": "integer"},
             "bytes": {"type": "integer"},
             "new_flows": {"type": "integer"},
@@ -91,7 +116,11 @@ _SCHEMAS: dict[str, Any] = {
             "name": {"type": "string"},
             "vip": {"type": "string"},
             "protocol": {"enum": ["tcp", "udp", "tcp+udp"]},
-            "ports": {"type": "string"},
+            "ports": {
+                "type": "array",
+                "items": {"type": ["integer", "string"]},
+                "description": 'as in the config: [443, "8000-8100"]; every port: ["1-65535"]',
+            },
             "mode": {"enum": ["dsr", "nat", "proxy"]},
             "dropping": {"type": "boolean", "description": "no ring: new flows dropped"},
             "dropped": {"type": "integer"},
@@ -101,6 +130,11 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "refused or dropped traffic by reason (docs/protecting.md)",
             },
             "active_flows": {"type": "integer"},
+            "reported_weights": {
+                "enum": ["none", "used", "ignored"],
+                "description": "whether the backends' reported weights build the ring",
+            },
+            "reported_weights_note": {"type": "string", "description": "why, in words"},
             "backends": {"type": "array", "items": _ref("Backend")},
         },
     },
@@ -133,7 +167,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "seq": {"type": "integer"},
             "at": {"type": "number", "description": "Unix time"},
-            "kind": {"enum": ["health", "admin", "weight", "reload", "apply"]},
+            "kind": {"enum": ["health", "reported_weight", "admin", "weight", "reload", "apply"]},
             "message": {"type": "string"},
         },
         "additionalProperties": True,
@@ -142,14 +176,21 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "service": {"type": "string"},
+            "mode": {"enum": ["dsr", "nat", "proxy", None]},
             "backend": {"type": "string"},
             "protocol": {"enum": ["tcp", "udp"]},
-            "src": {"type": "string"},
+            "src": {
+                "type": ["string", "null"],
+                "description": "null: a dsr IPv6 entry keeps only src_hash, a hash of the address",
+            },
             "src_port": {"type": "integer"},
             "dst": {"type": "string"},
             "dst_port": {"type": "integer"},
             "expires_in": {"type": ["number", "null"]},
-            "src_hash": {"type": ["integer", "null"]},
+            "src_hash": {
+                "type": ["integer", "null"],
+                "description": "32-bit hash of the client address (dsr IPv6 flow tables)",
+            },
         },
     },
     "History": {
@@ -284,7 +325,8 @@ _PATHS: dict[str, Any] = {
     },
     "/api/v1/events": {
         "get": {
-            "summary": "Recent events (bounded ring buffer): health, admin, weight, reload, apply",
+            "summary": "Recent events (bounded ring buffer): health, reported_weight, admin,"
+            " weight, reload, apply",
             "parameters": [
                 _query_param("since", "only events with a larger seq", {"type": "integer"})
             ],

@@ -112,6 +112,9 @@ HISTORY_METRICS = ("new_flows", "packets", "bytes", "active_flows")
 SERVICE_TOTAL = ""
 
 SeriesKey = tuple[str, str]  # (service, backend key or SERVICE_TOTAL)
+# An active-flow count stands for the samples up to this many seconds after
+# it: counts come with status reads, not with every sample.
+ACTIVE_FLOWS_CARRY = 5.0
 
 
 class _Tier:
@@ -203,14 +206,19 @@ class History:
 
     def __init__(self, tiers: tuple[tuple[int, int], ...] = HISTORY_TIERS) -> None:
         self.tiers = tuple(_Tier(step, size) for step, size in tiers)
-        self._active: dict[SeriesKey, float] = {}
+        self._active: dict[SeriesKey, tuple[float, float]] = {}  # key -> (at, count)
 
-    def observe_active(self, counters: Mapping[str, ServiceCounters]) -> None:
-        """Active flows just counted; the next rates sample carries them."""
+    def observe_active(self, now: float, counters: Mapping[str, ServiceCounters]) -> None:
+        """Active flows just counted; rate samples up to ACTIVE_FLOWS_CARRY
+        seconds later carry them."""
         for service, svc in counters.items():
             for key, c in svc.backends.items():
-                self._active[(service, key)] = float(c.active_flows)
-            self._active[(service, SERVICE_TOTAL)] = float(svc.total.active_flows)
+                self._active[(service, key)] = (now, float(c.active_flows))
+            self._active[(service, SERVICE_TOTAL)] = (now, float(svc.total.active_flows))
+
+    def _active_at(self, now: float, key: SeriesKey) -> float:
+        at, count = self._active.get(key, (-math.inf, math.nan))
+        return count if now - at <= ACTIVE_FLOWS_CARRY else math.nan
 
     def observe_rates(self, now: float, rates: Mapping[SeriesKey, Rates]) -> None:
         values: dict[SeriesKey, tuple[float, ...]] = {}
@@ -220,14 +228,14 @@ class History:
                 r.new_flows,
                 r.packets,
                 r.bytes,
-                self._active.pop((service, backend), math.nan),
+                self._active_at(now, (service, backend)),
             )
             total = totals.setdefault(service, [0.0, 0.0, 0.0])
             total[0] += r.new_flows
             total[1] += r.packets
             total[2] += r.bytes
         for service, (new_flows, packets, nbytes) in totals.items():
-            active = self._active.pop((service, SERVICE_TOTAL), math.nan)
+            active = self._active_at(now, (service, SERVICE_TOTAL))
             values[(service, SERVICE_TOTAL)] = (new_flows, packets, nbytes, active)
         for tier in self.tiers:
             tier.add(now, values)
@@ -237,6 +245,8 @@ class History:
         wanted = set(keep)
         for tier in self.tiers:
             tier.forget(wanted)
+        for key in self._active.keys() - wanted:
+            del self._active[key]
 
     def tier_for(self, seconds: float) -> _Tier:
         """The finest tier whose ring spans ``seconds``, else the coarsest."""
