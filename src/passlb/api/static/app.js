@@ -228,7 +228,8 @@ function updateRow(row, b) {
   setText(c[6], String(b.ring_weight));
   const share = b.ring_share || 0;
   setText(row.shareText, share.toFixed(1) + "%");
-  row.share.style.width = (3 * Math.min(100, share) / 100).toFixed(2) + "em";
+  const width = (3 * Math.min(100, share) / 100).toFixed(2) + "em";
+  if (row.share.style.width !== width) row.share.style.width = width;
   setText(c[8], String(b.active_flows));
   setText(c[9], String(b.new_flows));
   setText(c[10], rate(b.rates.new_flows));
