@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from passlb.api.views import StatusSnapshot, format_status, status_document
+from passlb.api.views import DSR_STATUS_NOTE, StatusSnapshot, format_status, status_document
 from passlb.config import parse_config
 from passlb.control.desired import compute_desired
 from passlb.control.reconciler import with_admin_overrides
@@ -87,6 +87,7 @@ def test_reported_weights_have_their_own_field_and_shape_the_ring_shares() -> No
     text = format_status(doc)
     assert "ports 443,8000-8100" in text
     assert "reported weights used" in text
+    assert text.splitlines()[-1] == DSR_STATUS_NOTE
     row = next(line for line in text.splitlines() if line.strip().startswith(KEYS[0]))
     # backend health role admin weight reported ring share
     assert row.split()[1:8] == [

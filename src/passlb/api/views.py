@@ -333,6 +333,8 @@ def format_status(doc: dict[str, Any]) -> str:
         drops = {reason: n for reason, n in svc.get("drops", {}).items() if n}
         if drops:
             lines.append("  dropped: " + ", ".join(f"{r} {n}" for r, n in drops.items()))
+    if any(svc["mode"] == "dsr" for svc in doc["services"]):
+        lines += ["", DSR_STATUS_NOTE]
     return "\n".join(lines)
 
 
@@ -360,6 +362,10 @@ def flow_client(flow: Mapping[str, Any]) -> str:
     return f"[{src}]:{flow['src_port']}" if ":" in src else f"{src}:{flow['src_port']}"
 
 
+DSR_STATUS_NOTE = (
+    "dsr flows are flow-table entries: a finished TCP connection counts until it has been"
+    " idle for tcp_timeout (the load balancer never sees the backend's FIN)."
+)
 DSR_FLOW_NOTE = (
     "dsr: these are flow-table entries, refreshed by each packet from the client. The load"
     " balancer never sees the backend's packets (its FIN included), so a finished TCP"
