@@ -4,10 +4,11 @@ A live daemon (proxy mode on loopback, three backends) with an API token and
 `read_without_token = true` serves the page. Without the token the page shows
 everything, offers no action and says why, and the API refuses a change. With
 the token entered on the page, a drain from the page takes the backend out of
-the ring (new flows go elsewhere). The graphs fill from the daemon's history;
-a stopped backend turns red. With PASSLB_UPDATE_SCREENSHOT=1 the test
-refreshes docs/status-page.png, the screenshot the README and
-docs/operations-api.md show (otherwise it goes to the test's tmp dir).
+the ring (new flows go elsewhere) and a weight set from the page rebuilds it.
+The graphs fill from the daemon's history; a stopped backend turns red. With
+PASSLB_UPDATE_SCREENSHOT=1 the test refreshes docs/status-page.png, the
+screenshot the README and docs/operations-api.md show (otherwise it goes to
+the test's tmp dir).
 """
 
 from __future__ import annotations
@@ -127,6 +128,14 @@ def test_status_page_graphs_read_only_drain_and_a_backend_going_down(
         sock.close()
     assert "b2" not in names and set(names) <= {"b1", "b3"}
     expect(page.locator("#events li[data-kind=admin]").first).to_contain_text(f"web/{b2.key} drain")
+
+    # A weight from the page: the dialog asks for the number.
+    rows["b1"].locator('button[data-action="weight"]').click()
+    page.fill("#weight-input", "3")
+    page.click("#confirm-ok")
+    expect(rows["b1"].locator("td").nth(4)).to_have_text("3", timeout=WAIT)  # weight
+    expect(rows["b1"].locator("td").nth(6)).to_have_text("3", timeout=WAIT)  # ring
+    assert ring_weights(daemon)[b1.key] == 3
 
     # A backend goes down: red row, and an alert at the top of the page.
     b3.stop()

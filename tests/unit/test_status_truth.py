@@ -126,7 +126,12 @@ def test_a_drain_past_its_deadline_shows_as_drained() -> None:
 
 
 def test_every_port_is_a_list_too() -> None:
-    config = parse_config(CONFIG.replace('ports = [443, "8000-8100"]', 'ports = "all"'))
+    every = CONFIG.replace('ports = [443, "8000-8100"]', 'ports = "all"')
+    config = parse_config(
+        every.replace(
+            "[[services.backends]]", '[services.health]\ntype = "none"\n[[services.backends]]', 1
+        )
+    )
     doc = document(config, {}, 10.0, {})
     assert doc["services"][0]["ports"] == ["1-65535"]
     assert "ports all" in format_status(doc)
