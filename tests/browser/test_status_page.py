@@ -164,3 +164,24 @@ def test_status_page_graphs_read_only_drain_and_a_backend_going_down(
         sock.close()
     assert b1.name == "b1"
     assert problems == []
+
+
+def test_without_the_token_a_closed_api_shows_nothing_and_asks_for_it(page: Page) -> None:
+    """No read_without_token: the page cannot even read, and says so; with the
+    token it shows the backends and offers the actions."""
+    with LiveDaemon(backends=1, token=TOKEN) as daemon:
+        page.goto(daemon.url + "/")
+        expect(page.locator("#token-why")).to_have_text(
+            "This API needs its bearer token to show its status."
+        )
+        expect(page.locator("#access")).to_have_text("read-only")
+        expect(page.locator("tr[data-backend]")).to_have_count(0)
+        expect(page.locator("button.action")).to_have_count(0)
+        with pytest.raises(ApiError, match="401 Authorization"):
+            ApiClient(daemon.api).get("/api/v1/status")
+        page.fill("#token", TOKEN)
+        page.click("#token-form button[type=submit]")
+        row = page.locator(f'tr[data-backend="{daemon.backends[0].key}"]')
+        expect(row).to_have_attribute("data-health", "up", timeout=WAIT)
+        expect(row.locator("button.action")).to_have_count(4)
+        expect(page.locator("#token-form")).to_be_hidden()

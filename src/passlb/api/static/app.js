@@ -260,6 +260,8 @@ function renderServices(doc) {
     if (svc.reported_weights && svc.reported_weights !== "none") {
       notes.push("reported weights " + svc.reported_weights + ": " + svc.reported_weights_note);
     }
+    const drops = Object.entries(svc.drops || {}).filter(([, n]) => n > 0);
+    if (drops.length) notes.push("dropped: " + drops.map(([r, n]) => r + " " + n).join(", "));
     if (svc.mode === "dsr") {
       notes.push("flows: dsr flow-table entries; the load balancer never sees the backend's FIN, " +
         "so a finished TCP connection counts until it idles out (tcp_timeout)");
