@@ -51,7 +51,7 @@ class FakeControl:
             if n > since
         ]
 
-    def flows(self, service: str | None, backend: str | None) -> list[Flow]:
+    async def flows(self, service: str | None, backend: str | None) -> list[Flow]:
         if service not in (None, "web"):
             raise KeyError(f"service: no service {service!r}")
         self.flow_queries.append((service, backend))

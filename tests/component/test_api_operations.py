@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class RecordingDriver:
     name = "proxy"
+    blocking = False
 
     def __init__(self) -> None:
         self.synced: list[DesiredState] = []

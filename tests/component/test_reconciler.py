@@ -15,6 +15,7 @@ import pytest
 from passlb.control.reconciler import Reconciler, assume_all_healthy, in_thread, next_wakeup
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.errors import DataplaneError
+from passlb.health.testing import VirtualClock
 from passlb.model import (
     AdminState,
     Backend,
@@ -34,6 +35,7 @@ class RecordingDriver:
     """A Driver that remembers every sync and can be told to fail."""
 
     name = "recording"
+    blocking = False
 
     def __init__(self) -> None:
         self.syncs: list[tuple[DesiredState, bool]] = []
@@ -56,12 +58,28 @@ class RecordingDriver:
         pass
 
 
-class Clock:
+class Clock(VirtualClock):
+    """Virtual time for the reconciler: its clock (called) and its sleeper; time
+    moves only by ``advance`` (or by setting ``now`` in the tests that need no loop)."""
+
     def __init__(self) -> None:
-        self.now = 1000.0
+        super().__init__(start=1000.0)
 
     def __call__(self) -> float:
-        return self.now
+        return self._now
+
+    @property  # type: ignore[override]
+    def now(self) -> float:
+        return self._now
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self._now = value
+
+
+async def inline(work: Callable[[], DesiredState]) -> DesiredState:
+    """The off-loop computation run on the loop: deterministic in virtual time."""
+    return work()
 
 
 def service(name: str, mode: Mode, *addresses: str, drain_timeout: float = 10.0) -> Service:
@@ -84,7 +102,9 @@ def make(
     config = Config(services=services)
     drivers = drivers or {Mode.DSR: RecordingDriver()}
     clock = Clock()
-    rec = Reconciler(config, drivers, clock=clock, coalesce_delay=0.0, retry_delay=0.0)
+    rec = Reconciler(
+        config, drivers, clock=clock, sleep=clock.sleep, off_loop=inline, retry_delay=1.0
+    )
     rec.replace_health(assume_all_healthy(config))
     return rec, drivers, clock
 
@@ -197,25 +217,35 @@ def test_new_config_forgets_overrides_of_removed_backends() -> None:
 
 
 async def test_run_coalesces_a_burst_into_few_applies() -> None:
-    rec, drivers, _ = make(service("web", Mode.DSR, *(f"198.18.2.{i}" for i in range(11, 21))))
+    rec, drivers, clock = make(service("web", Mode.DSR, *(f"198.18.2.{i}" for i in range(11, 21))))
     rec.coalesce_delay = 0.05
     async with running(rec):
-        await asyncio.sleep(0.1)  # the start-up apply
+        await clock.advance(0.05)  # the start-up apply
         for i in range(11, 21):
             rec.set_health("web", f"198.18.2.{i}", HealthStatus(healthy=i % 2 == 0))
-        await asyncio.sleep(0.2)
-    syncs = drivers[Mode.DSR].syncs
+            await clock.advance(0.001)  # a burst: each within the coalescing delay
+        await clock.advance(0.1)
+        syncs = list(drivers[Mode.DSR].syncs)
+        await clock.advance(rec.resync_interval - 1)  # nothing more until the resync
+        assert drivers[Mode.DSR].syncs == syncs
     assert len(syncs) == 2  # start-up + one for the whole burst
     assert sum(r is BackendRole.ACTIVE for r in roles(syncs[-1][0], "web").values()) == 5
 
 
-async def test_run_retries_after_a_failure() -> None:
-    rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11"))
+async def test_run_retries_after_a_failure_and_resyncs_on_time() -> None:
+    rec, drivers, clock = make(service("web", Mode.DSR, "198.18.2.11"))
     drivers[Mode.DSR].fail_next = 2
     async with running(rec):
-        await asyncio.sleep(0.2)
-    assert rec.stats.apply_failures == 2
-    assert drivers[Mode.DSR].syncs and drivers[Mode.DSR].syncs[0][1] is True
+        await clock.advance(0.5)
+        assert rec.stats.apply_failures == 1 and not drivers[Mode.DSR].syncs
+        await clock.advance(1.0)  # retry_delay later: the second failure
+        assert rec.stats.apply_failures == 2 and not drivers[Mode.DSR].syncs
+        await clock.advance(1.0)
+        assert [full for _, full in drivers[Mode.DSR].syncs] == [True]
+        await clock.advance(rec.resync_interval - 1)
+        assert len(drivers[Mode.DSR].syncs) == 1
+        await clock.advance(1.0)  # the periodic full resync
+        assert [full for _, full in drivers[Mode.DSR].syncs] == [True, True]
 
 
 def test_an_unexpected_driver_exception_is_a_failed_apply_not_a_crash() -> None:
@@ -231,7 +261,7 @@ def test_an_unexpected_driver_exception_is_a_failed_apply_not_a_crash() -> None:
 
 
 class GatedOffLoop:
-    """Runs each computation in a thread once the test opens the gate; keeps the results."""
+    """Runs each computation once the test opens the gate; keeps the results."""
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
@@ -242,7 +272,7 @@ class GatedOffLoop:
     async def __call__(self, work: Callable[[], DesiredState]) -> DesiredState:
         self.started += 1
         await self.gate.wait()
-        result = await in_thread(work)
+        result = work()
         self.results.append(result)
         return result
 
@@ -273,13 +303,13 @@ async def test_an_apply_computed_off_loop_never_overwrites_a_newer_one() -> None
 
 
 async def test_run_applies_what_it_computed_off_loop() -> None:
-    rec, drivers, _ = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12"))
+    rec, drivers, clock = make(service("web", Mode.DSR, "198.18.2.11", "198.18.2.12"))
     off_loop = GatedOffLoop()
     rec.off_loop = off_loop
     async with running(rec):
-        await asyncio.sleep(0.1)
+        await clock.advance(0.1)
         rec.set_health("web", "198.18.2.12", HealthStatus(healthy=False))
-        await asyncio.sleep(0.1)
+        await clock.advance(0.1)
     syncs = drivers[Mode.DSR].syncs
     assert [desired for desired, _ in syncs] == off_loop.results
     assert roles(syncs[-1][0], "web")["198.18.2.12"] is BackendRole.DOWN
@@ -289,26 +319,48 @@ async def test_an_announced_change_has_its_ring_built_before_it_happens() -> Non
     web = dataclasses.replace(
         service("web", Mode.DSR, *(f"198.18.2.{i}" for i in range(11, 14))), ring_size=1019
     )
-    rec, _, _ = make(web)
+    rec, _, clock = make(web)
     off_loop = GatedOffLoop()
     rec.off_loop = off_loop
     async with running(rec):
-        await asyncio.sleep(0.1)
+        await clock.advance(0.1)
         computed = len(off_loop.results)
         # Already healthy: nothing to prepare.
         rec.prepare("web", "198.18.2.12", HealthStatus(healthy=True))
-        await asyncio.sleep(0.05)
+        await clock.advance(0.05)
         assert len(off_loop.results) == computed
         rec.prepare("web", "198.18.2.12", HealthStatus(healthy=False))
-        await asyncio.sleep(0.05)
+        await clock.advance(0.05)
         (prepared,) = off_loop.results[computed:]
         assert rec.applied is not None and roles(rec.applied, "web")["198.18.2.12"] is (
             BackendRole.ACTIVE
         )  # prepared, not applied
         rec.set_health("web", "198.18.2.12", HealthStatus(healthy=False))
-        await asyncio.sleep(0.05)
+        await clock.advance(0.05)
     assert rec.applied is not None
     assert roles(rec.applied, "web")["198.18.2.12"] is BackendRole.DOWN
     applied, ahead = rec.applied.service("web"), prepared.service("web")
     assert applied is not None and ahead is not None and applied.ring is not None
     assert applied.ring is ahead.ring  # the very ring built ahead, from the cache
+
+
+async def test_a_blocking_driver_syncs_in_a_worker_thread_and_the_others_on_the_loop() -> None:
+    threads: dict[str, int] = {}
+
+    class ThreadNoting(RecordingDriver):
+        def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
+            threads[self.name] = threading.get_ident()
+            return super().sync(desired, full=full)
+
+    kernel, proxy = ThreadNoting(), ThreadNoting()
+    kernel.name, kernel.blocking, proxy.name = "kernel", True, "proxy"
+    rec, _, _ = make(
+        service("a", Mode.DSR, "198.18.2.11"),
+        dataclasses.replace(
+            service("b", Mode.PROXY, "198.18.2.12"), ports=PortSet((PortRange(80, 80),))
+        ),
+        drivers={Mode.DSR: kernel, Mode.PROXY: proxy},
+    )
+    record = await rec.apply_off_loop(full=True)
+    assert record is not None and record.error is None
+    assert threads["proxy"] == threading.get_ident() != threads["kernel"]

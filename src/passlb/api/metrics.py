@@ -40,7 +40,8 @@ BACKEND_METRICS = (
     MetricInfo(
         "passlb_backend_active_flows",
         "gauge",
-        "Flows to the backend in the data plane's flow table now.",
+        "Flows to the backend in the data plane's flow table (dsr/nat: as of the last"
+        " background count, see passlb_flow_count_age_seconds).",
     ),
     MetricInfo("passlb_backend_up", "gauge", "1 when the backend's health check says up, else 0."),
     MetricInfo(
@@ -118,6 +119,12 @@ DAEMON_METRICS = (
     ),
     MetricInfo("passlb_in_sync", "gauge", "1 when the data plane holds the desired state."),
     MetricInfo("passlb_uptime_seconds", "gauge", "Seconds since the daemon started."),
+    MetricInfo(
+        "passlb_flow_count_age_seconds",
+        "gauge",
+        "Age of the dsr/nat active-flow figures: their flow tables are counted in the"
+        " background (absent before the first count).",
+    ),
     MetricInfo("passlb_build_info", "gauge", "Always 1; the version is in the label."),
 )
 ALL_METRICS = BACKEND_METRICS + SERVICE_METRICS + DAEMON_METRICS
@@ -170,7 +177,8 @@ def render_metrics(doc: Mapping[str, Any], apply_duration: Histogram, ring_build
             add("passlb_backend_packets_total", labels, b["packets"])
             add("passlb_backend_bytes_total", labels, b["bytes"])
             add("passlb_backend_new_flows_total", labels, b["new_flows"])
-            add("passlb_backend_active_flows", labels, b["active_flows"])
+            if b["active_flows"] is not None:  # None until the first background count
+                add("passlb_backend_active_flows", labels, b["active_flows"])
             add("passlb_backend_up", labels, 1 if b["health"] == "up" else 0)
             if b["check_latency"] is not None:
                 add("passlb_backend_health_check_duration_seconds", labels, b["check_latency"])
@@ -199,6 +207,9 @@ def render_metrics(doc: Mapping[str, Any], apply_duration: Histogram, ring_build
     add("passlb_reload_failures_total", {}, doc["reload_failures"])
     add("passlb_in_sync", {}, 1 if doc["state"]["in_sync"] else 0)
     add("passlb_uptime_seconds", {}, doc["uptime"])
+    counted = doc.get("flow_count")
+    if counted and counted["age"] is not None:
+        add("passlb_flow_count_age_seconds", {}, counted["age"])
     add("passlb_build_info", {"version": doc["version"]}, 1)
 
     lines: list[str] = []

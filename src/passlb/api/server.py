@@ -46,7 +46,7 @@ class Control(Protocol):
 
     def events(self, since: int) -> list[dict[str, Any]]: ...
 
-    def flows(self, service: str | None, backend: str | None) -> list[Flow]: ...
+    async def flows(self, service: str | None, backend: str | None) -> list[Flow]: ...
 
     def service_modes(self) -> dict[str, str]: ...
 
@@ -237,7 +237,7 @@ def build_app(
         query = _query(request, ("service", "backend", "limit"))
         limit = _int_param(query, "limit", DEFAULT_FLOW_LIMIT, 1, MAX_FLOW_LIMIT)
         try:
-            found = control.flows(query.get("service"), query.get("backend"))
+            found = await control.flows(query.get("service"), query.get("backend"))
         except KeyError as err:
             raise BadRequest(str(err.args[0]), status=404) from None
         modes = control.service_modes()

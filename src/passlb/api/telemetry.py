@@ -113,8 +113,9 @@ SERVICE_TOTAL = ""
 
 SeriesKey = tuple[str, str]  # (service, backend key or SERVICE_TOTAL)
 # An active-flow count stands for the samples up to this many seconds after
-# it: counts come with status reads, not with every sample.
-ACTIVE_FLOWS_CARRY = 5.0
+# it: counts come with status reads (proxy) or the background count of the
+# kernel's flow tables (dsr, nat: every 5 s plus what the count takes).
+ACTIVE_FLOWS_CARRY = 12.0
 
 
 class _Tier:
@@ -335,6 +336,15 @@ class Histogram:
         return out
 
 
+@dataclass(frozen=True)
+class FlowCount:
+    """Active flows by (service, backend key), as one background count found them."""
+
+    at: float  # wall clock when the count finished
+    took: float  # seconds the count took
+    active: Mapping[tuple[str, str], int]
+
+
 @dataclass
 class Telemetry:
     """Everything the daemon counts beyond the reconciler's own stats."""
@@ -347,3 +357,5 @@ class Telemetry:
     ring_build: Histogram = field(default_factory=Histogram)
     reloads: int = 0
     reload_failures: int = 0
+    flow_count: FlowCount | None = None  # the last finished count of the blocking drivers
+    counting_flows: bool = False  # a count is running now

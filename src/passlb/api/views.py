@@ -9,13 +9,14 @@ daemon itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from passlb import __version__
-from passlb.api.telemetry import Rates
+from passlb.api.telemetry import FlowCount, Rates
 from passlb.control.desired import diff_desired
 from passlb.control.reconciler import ApplyRecord
 from passlb.dataplane.base import BackendCounters, Driver, Flow, ServiceCounters
@@ -49,6 +50,11 @@ class StatusSnapshot:
     last_event: int
     # (service, backend key) -> the last health transitions, newest first
     health_history: Mapping[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    # Services whose active flows come from the background count (blocking
+    # drivers: counting walks the kernel's flow tables), and that count.
+    counted_services: frozenset[str] = frozenset()
+    flow_count: FlowCount | None = None
+    counting_flows: bool = False
 
 
 def status_document(
@@ -63,9 +69,18 @@ def status_document(
         svc_counters = counters.get(svc.name, ServiceCounters())
         slots = _ring_slots(sd)
         backends = []
+        counted = svc.name in snap.counted_services
+        flows_known = not counted or snap.flow_count is not None
+        service_flows: int | None = 0 if flows_known else None
         for b in svc.backends:
             bd = sd.backend(b.key) if sd else None
             c = svc_counters.backends.get(b.key, BackendCounters())
+            active: int | None = c.active_flows
+            if counted:
+                count = snap.flow_count
+                active = count.active.get((svc.name, b.key), 0) if count is not None else None
+            if service_flows is not None and active is not None:
+                service_flows += active
             record = snap.health.get((svc.name, b.key))
             rates = snap.rates.get((svc.name, b.key), Rates())
             configured = from_file.backend(b.key) if from_file else None
@@ -96,7 +111,7 @@ def status_document(
                     "packets": c.packets,
                     "bytes": c.bytes,
                     "new_flows": c.new_flows,
-                    "active_flows": c.active_flows,
+                    "active_flows": active,  # None: not counted yet
                     "rates": {
                         "packets": rates.packets,
                         "bytes": rates.bytes,
@@ -115,7 +130,7 @@ def status_document(
                 **_reported_weights(sd, snap.health, svc.name),
                 "dropped": svc_counters.dropped,
                 "drops": dict(sorted(svc_counters.drops.items())),
-                "active_flows": svc_counters.total.active_flows,
+                "active_flows": service_flows,
                 "backends": backends,
             }
         )
@@ -142,6 +157,7 @@ def status_document(
         "reload_failures": snap.reload_failures,
         "last_reload": dict(snap.last_reload),
         "last_event": snap.last_event,
+        "flow_count": _flow_count(snap),
         "errors": errors,
     }
 
@@ -206,35 +222,32 @@ def ports_text(ports: list[int | str]) -> str:
     return "all" if ports == ["1-65535"] else ",".join(str(p) for p in ports)
 
 
-def read_counters(drivers: Mapping[Mode, Driver]) -> tuple[dict[str, ServiceCounters], list[str]]:
-    """Every driver's counters without active flows (what rates need; cheap, so
-    on the event loop), and the drivers that could not be read."""
-    counters: dict[str, ServiceCounters] = {}
-    errors: list[str] = []
-    for mode, driver in drivers.items():
-        try:
-            counters.update(driver.counters(active_flows=False))
-        except PasslbError as err:
-            errors.append(f"{mode}: {err}")
-    return counters, errors
+def _flow_count(snap: StatusSnapshot) -> dict[str, Any] | None:
+    """How old the kernel drivers' active-flow figures are (None: no kernel driver)."""
+    if not snap.counted_services:
+        return None
+    count = snap.flow_count
+    return {
+        "age": None if count is None else max(0.0, snap.at - count.at),
+        "took": None if count is None else count.took,
+        "counting": snap.counting_flows,
+    }
 
 
-# Their counters() may run in a worker thread: kernel reads over their own
-# netlink sockets. Counting active flows walks every flow-table or conntrack
-# entry (0.5 s per 100,000 dsr flows), which must not stop the event loop.
-READ_OFF_LOOP = frozenset({Mode.DSR, Mode.NAT})
-
-
-async def gather_counters(
-    drivers: Mapping[Mode, Driver],
+async def read_counters(
+    drivers: Mapping[Mode, Driver], *, active_flows: bool
 ) -> tuple[dict[str, ServiceCounters], list[str]]:
-    """read_counters with active flows, the kernel drivers' read off the event loop."""
+    """Every driver's counters, a blocking driver's (Driver.blocking: kernel
+    reads) in a worker thread, and the drivers that could not be read.
+    `active_flows` asks the blocking drivers to count their flows too (a walk
+    over every flow-table or conntrack entry); the others always count theirs."""
     counters: dict[str, ServiceCounters] = {}
     errors: list[str] = []
     for mode, driver in list(drivers.items()):
         try:
-            if mode in READ_OFF_LOOP:
-                counters.update(await asyncio.to_thread(driver.counters))
+            if driver.blocking:
+                read = functools.partial(driver.counters, active_flows=active_flows)
+                counters.update(await asyncio.to_thread(read))
             else:
                 counters.update(driver.counters())
         except PasslbError as err:
@@ -296,6 +309,9 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(f"last reload left {changed} as they were: read at start only, restart")
     for err in doc.get("errors", []):
         lines.append(f"counter read failed: {err}")
+    counted = doc.get("flow_count")
+    if counted:
+        lines.append(_flow_count_line(counted))
     header = (
         f"  {'backend':<24} {'health':<7} {'role':<8} {'admin':<8} {'weight':>6} "
         f"{'reported':>8} {'ring':>6} {'share':>6} {'flows':>6} {'new':>8} {'packets':>10} "
@@ -324,7 +340,7 @@ def format_status(doc: dict[str, Any]) -> str:
             lines.append(
                 f"  {name:<24} {b['health']:<7} {b['role']:<8} {b['admin']:<8} "
                 f"{b['weight']:>6} {_or_dash(b.get('reported_weight')):>8} {b['ring_weight']:>6} "
-                f"{b.get('ring_share', 0.0):>5.1f}% {b['active_flows']:>6} "
+                f"{b.get('ring_share', 0.0):>5.1f}% {_or_dash(b['active_flows']):>6} "
                 f"{b['new_flows']:>8} {b['packets']:>10} {b['bytes']:>12} "
                 f"{human_rate(rates.get('new_flows', 0.0)):>7} "
                 f"{human_rate(rates.get('packets', 0.0)):>7} "
@@ -336,6 +352,14 @@ def format_status(doc: dict[str, Any]) -> str:
     if any(svc["mode"] == "dsr" for svc in doc["services"]):
         lines += ["", DSR_STATUS_NOTE]
     return "\n".join(lines)
+
+
+def _flow_count_line(counted: dict[str, Any]) -> str:
+    """When the kernel's flow tables were last counted (a background walk)."""
+    running = ", counting now" if counted.get("counting") else ""
+    if counted.get("age") is None:
+        return f"flows: not counted yet{running}"
+    return f"flows counted {counted['age']:.0f}s ago (took {counted['took']:.1f}s){running}"
 
 
 def _or_dash(value: object) -> str:

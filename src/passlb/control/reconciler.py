@@ -8,10 +8,15 @@ time-driven changes (drain deadlines, slow-start ramps), resyncs fully every
 
 The loop computes the desired state off the event loop (a worker thread:
 Maglev rings take tens of milliseconds each, and health checks must not wait
-for them) from a snapshot of the inputs, then diffs and applies it on the
-loop. Applies stay serialised; a computed state is dropped, and computed again,
-when another apply went through while it was being computed, so an older
-state never overwrites a newer one.
+for them) from a snapshot of the inputs, then diffs it and hands it to the
+drivers: a blocking driver's sync (dsr, nat: kernel I/O) in a worker thread,
+the others on the loop (Driver.blocking). Applies stay serialised; a computed
+state is dropped, and computed again, when another apply went through while
+it was being computed, so an older state never overwrites a newer one.
+
+Time comes from an injected clock and sleeper (time.monotonic and
+asyncio.sleep by default), so tests run the loop in virtual time
+(health.testing.VirtualClock).
 
 A health change announced ahead (``prepare``: a backend's first failed check
 of the ``fall`` it takes to go down) gets its rings built in the background
@@ -38,6 +43,8 @@ from passlb.state import BackendRole, DesiredState, DrainStarts, HealthStatus, H
 log = logging.getLogger("passlb.reconciler")
 
 Clock = Callable[[], float]
+# Waits on `clock`'s time (asyncio.sleep for time.monotonic; a virtual clock's in tests).
+Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 # Runs a pure computation away from the event loop (asyncio.to_thread by default).
 OffLoop = Callable[[Callable[[], T]], Awaitable[T]]
@@ -122,6 +129,15 @@ def next_wakeup(state: DesiredState, now: float, slow_start_tick: float = 1.0) -
     return min(times) if times else None
 
 
+def _apply_error(err: Exception) -> str:
+    """The error text of a failed apply; a bug (not a PasslbError) is logged with its
+    traceback, and must not end the reconciler: the next apply is a full one."""
+    if isinstance(err, PasslbError):
+        return str(err)
+    log.error("apply raised", exc_info=err)
+    return f"internal error: {err!r}"
+
+
 class Reconciler:
     def __init__(
         self,
@@ -129,6 +145,7 @@ class Reconciler:
         drivers: Mapping[Mode, Driver],
         *,
         clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
         resync_interval: float = 300.0,  # a full resync re-reads every ring from the kernel
         retry_delay: float = 1.0,
         coalesce_delay: float = 0.005,
@@ -138,6 +155,7 @@ class Reconciler:
         self.config = config
         self.drivers = drivers
         self.clock = clock
+        self.sleep = sleep
         self.resync_interval = resync_interval
         self.retry_delay = retry_delay
         self.coalesce_delay = coalesce_delay
@@ -238,15 +256,25 @@ class Reconciler:
         return self.effective_config(), dict(self.health), dict(self.drain_starts), self.clock()
 
     def apply_once(self, *, full: bool = False) -> ApplyRecord:
-        """Compute the desired state and push it to every driver. Never raises."""
+        """Compute the desired state and push it to every driver, all in the calling
+        thread (for tools and tests without an event loop). Never raises."""
         started = time.perf_counter()
         desired = self.compute()
-        return self._push(desired, full, started, time.perf_counter() - started)
+        compute_duration = time.perf_counter() - started
+        full = self._begin(desired, full)
+        try:
+            for driver, part in self._parts(desired):
+                driver.sync(part, full=full)
+        except Exception as err:
+            return self._finish(desired, full, started, compute_duration, _apply_error(err))
+        return self._finish(desired, full, started, compute_duration, None)
 
     async def apply_off_loop(self, *, full: bool = False) -> ApplyRecord | None:
-        """``apply_once`` with the computation off the event loop. None (and the
-        state marked dirty) when another apply went through meanwhile: the
-        state computed here is older than what the drivers hold by now."""
+        """Compute the desired state off the event loop and push it to every
+        driver, a blocking driver's sync in a worker thread (Driver.blocking).
+        None (and the state marked dirty) when another apply went through while
+        computing: the state computed here is older than what the drivers hold
+        by now. Never raises."""
         inputs = self._inputs()
         applies_before = self._applies_done
         started = time.perf_counter()
@@ -255,31 +283,45 @@ class Reconciler:
         if self._applies_done != applies_before:
             self._dirty.set()
             return None
-        return self._push(desired, full, started, compute_duration)
+        full = self._begin(desired, full)
+        try:
+            for driver, part in self._parts(desired):
+                if driver.blocking:
+                    await asyncio.to_thread(driver.sync, part, full=full)
+                else:
+                    driver.sync(part, full=full)
+        except Exception as err:
+            return self._finish(desired, full, started, compute_duration, _apply_error(err))
+        return self._finish(desired, full, started, compute_duration, None)
 
-    def _push(
-        self, desired: DesiredState, full: bool, started: float, compute_duration: float
-    ) -> ApplyRecord:
-        """Diff `desired` against what is applied and hand it to every driver."""
-        full = full or self._need_full
+    def _begin(self, desired: DesiredState, full: bool) -> bool:
+        """Take `desired` as the state being applied; whether the apply is full."""
         self._applies_done += 1
         self.desired = desired
-        diff = diff_desired(self.applied, desired)
-        changes = str(diff)
-        error: str | None = None
-        try:
-            for mode, part in split_by_mode(desired).items():
-                driver = self.drivers.get(mode)
-                if driver is None:
-                    if part.services:
-                        raise PasslbError(f"no {mode} driver on this machine")
-                    continue
-                driver.sync(part, full=full)
-        except PasslbError as err:
-            error = str(err)
-        except Exception as err:  # a bug must not end the reconciler: log it, retry in full
-            log.exception("apply raised")
-            error = f"internal error: {err!r}"
+        return full or self._need_full
+
+    def _parts(self, desired: DesiredState) -> list[tuple[Driver, DesiredState]]:
+        """Each driver with the services of its mode; PasslbError for a mode without one."""
+        parts = []
+        for mode, part in split_by_mode(desired).items():
+            driver = self.drivers.get(mode)
+            if driver is None:
+                if part.services:
+                    raise PasslbError(f"no {mode} driver on this machine")
+                continue
+            parts.append((driver, part))
+        return parts
+
+    def _finish(
+        self,
+        desired: DesiredState,
+        full: bool,
+        started: float,
+        compute_duration: float,
+        error: str | None,
+    ) -> ApplyRecord:
+        """Record an apply (what changed, how long, whether it failed) and log it."""
+        changes = str(diff_desired(self.applied, desired))
         record = ApplyRecord(
             at=time.time(),
             duration=time.perf_counter() - started,
@@ -325,22 +367,36 @@ class Reconciler:
             wake = [last_full + self.resync_interval]
             if self.desired is not None and (t := next_wakeup(self.desired, now)) is not None:
                 wake.append(t)
-            timeout = max(0.0, min(wake) - now)
-            try:
-                await asyncio.wait_for(self._dirty.wait(), timeout)
-                await asyncio.sleep(self.coalesce_delay)  # let a burst of events settle
-            except TimeoutError:
-                pass
+            if await self._dirty_within(max(0.0, min(wake) - now)):
+                await self.sleep(self.coalesce_delay)  # let a burst of events settle
             self._dirty.clear()
-            full = self.clock() - last_full >= self.resync_interval
+            # A millisecond early counts as due: now + (due - now) may round below
+            # `due`, and a resync missed by rounding would wake the loop at once, again.
+            full = self.clock() >= last_full + self.resync_interval - 0.001
             record = await self.apply_off_loop(full=full)
             if record is None:
                 continue
             if record.full and record.error is None:
                 last_full = self.clock()
             if record.error is not None:
-                await asyncio.sleep(self.retry_delay)
+                await self.sleep(self.retry_delay)
                 self._dirty.set()
+
+    async def _dirty_within(self, timeout: float) -> bool:
+        """Wait until the state is dirty (True) or `timeout` passed on the
+        reconciler's sleeper (False): the sleeper, not the loop's timer, so that
+        tests can run the reconciler in virtual time."""
+        if self._dirty.is_set():
+            return True
+        dirty = asyncio.ensure_future(self._dirty.wait())
+        timer = asyncio.ensure_future(self.sleep(timeout))
+        try:
+            await asyncio.wait((dirty, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (dirty, timer):
+                waiter.cancel()
+            await asyncio.gather(dirty, timer, return_exceptions=True)
+        return self._dirty.is_set()
 
     async def _prepare_rings(self) -> None:
         """Build, one service at a time and off the loop, the rings that the

@@ -65,9 +65,24 @@ class ApplyResult:
 
 
 class Driver(Protocol):
-    """A data plane. Every method may raise passlb.errors.DataplaneError."""
+    """A data plane. Every method may raise passlb.errors.DataplaneError.
+
+    Threads: ``blocking`` says where the daemon calls the methods.
+
+    - ``blocking = True`` (dsr, nat): sync, counters, flows and close do kernel
+      I/O and may take from milliseconds to seconds (a full sync of a 65,537-slot
+      ring, a walk over a million flow entries). The daemon calls them in worker
+      threads, never on the event loop. A sync runs in one thread at a time;
+      counters and flows may run in other threads meanwhile, and must then
+      see either the state before that sync or the one after it.
+    - ``blocking = False`` (proxy, proxy workers): every method returns within
+      a millisecond or so (a proxy worker pool waits one socketpair round trip
+      per worker) and touches the event loop's own objects, so the daemon calls
+      it on the event loop thread only.
+    """
 
     name: str
+    blocking: bool
 
     def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
         """Make the data plane forward as `desired` says, in one atomic step.
@@ -84,7 +99,9 @@ class Driver(Protocol):
         `active_flows=False` lets a driver skip counting the active flows
         (BackendCounters.active_flows is then 0) where that is what a read
         costs: the kernel drivers walk every flow-table or conntrack entry
-        for it, while the other counters are a few objects.
+        for it (seconds for a million), while the other counters are a few
+        objects. The daemon counts a blocking driver's active flows in the
+        background (status says how old the count is).
         """
         ...
 

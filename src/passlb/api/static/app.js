@@ -230,7 +230,7 @@ function updateRow(row, b) {
   setText(row.shareText, share.toFixed(1) + "%");
   const width = (3 * Math.min(100, share) / 100).toFixed(2) + "em";
   if (row.share.style.width !== width) row.share.style.width = width;
-  setText(c[8], String(b.active_flows));
+  setText(c[8], b.active_flows === null ? "-" : String(b.active_flows));  // null: not counted yet
   setText(c[9], String(b.new_flows));
   setText(c[10], rate(b.rates.new_flows));
   setText(c[11], rate(b.rates.packets));

@@ -54,6 +54,7 @@ class NftDriver:
     """The template: a mode supplies `render`, `owner_maps` and its cuts (`write`)."""
 
     name: str
+    blocking = True  # kernel I/O: the daemon calls sync, counters and flows in worker threads
     owner_maps: tuple[str, ...]  # maps whose element comments name each id's owner
 
     def __init__(self, nft: NftBackend | None, table: Table) -> None:

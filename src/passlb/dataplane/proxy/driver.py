@@ -96,6 +96,7 @@ class ProxyDriver:
     """Driver protocol implementation for services in `proxy` mode."""
 
     name = "proxy"
+    blocking = False  # on the event loop, microseconds (Driver)
 
     def __init__(self, *, bind: Binder | None = None) -> None:
         # A relay worker process binds nothing itself: its parent hands it

@@ -93,6 +93,7 @@ class WorkerPool:
     """Driver protocol implementation for proxy services, in `workers` processes."""
 
     name = "proxy"
+    blocking = False  # on the event loop; one socketpair round trip per worker (Driver)
 
     def __init__(
         self,
