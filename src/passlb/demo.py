@@ -83,7 +83,8 @@ def _wait_until_down(lab: Lab, address: str, timeout: float = 10.0) -> None:
     while time.monotonic() < deadline:
         doc = lab.call(lab.lb.ns, _fetch_status)
         roles = [b["role"] for s in doc["services"] for b in s["backends"] if b["key"] == address]
-        if roles and all(role == "down" for role in roles):
+        # In sync: the kernel holds the change, not only the daemon's decision.
+        if roles and all(role == "down" for role in roles) and doc["state"]["in_sync"]:
             return
         time.sleep(0.1)
     raise PasslbError(f"the daemon did not take backend {address} down within {timeout:.0f} s")
