@@ -163,7 +163,7 @@ class Stand:
     def events(self, since: int) -> list[dict[str, Any]]:
         return []
 
-    def flows(self, service: str | None, backend: str | None) -> list[Any]:
+    async def flows(self, service: str | None, backend: str | None) -> list[Any]:
         return []
 
     def service_modes(self) -> dict[str, str]:
