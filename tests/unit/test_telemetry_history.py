@@ -57,16 +57,17 @@ def test_coarser_tiers_average_and_read_picks_the_tier_that_spans() -> None:
 
 
 def test_active_flows_where_counted_and_a_gap_where_not() -> None:
-    history = History(tiers=((1, 20),))
+    history = History(tiers=((1, 30),))
     counts = {"web": ServiceCounters(backends={"a": BackendCounters(active_flows=7)})}
     history.observe_rates(T0, rates(a=1))
     history.observe_active(T0 + 0.5, counts)
-    for n in range(1, 9):
+    for n in range(1, 16):
         history.observe_rates(T0 + n, rates(a=1))
     read = history.read([("web", "a"), ("web", SERVICE_TOTAL)], 600)
-    # The count stands for the samples up to ACTIVE_FLOWS_CARRY (5 s) after it.
-    assert read["series"][0]["active_flows"] == [None, 7, 7, 7, 7, 7, None, None]
-    assert read["series"][1]["active_flows"] == [None, 7, 7, 7, 7, 7, None, None]
+    # The count stands for the samples up to ACTIVE_FLOWS_CARRY (12 s) after it.
+    expected = [None] + [7] * 12 + [None, None]
+    assert read["series"][0]["active_flows"] == expected
+    assert read["series"][1]["active_flows"] == expected
 
 
 def test_a_backend_added_later_has_gaps_before_and_forget_drops_it() -> None:
