@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ def daemon_config(mode: str, services: list[tuple[str, str, int, int, int]], api
         lines += [f"ring_size = {ring}"] if ring else []
         lines += ["", "[services.health]", 'type = "none"', ""]
         for n in range(backends):
-            address = f"198.19.{(base + n) >> 8}.{(base + n) & 255 or 1}"
+            address = str(IPv4Address("198.19.0.1") + base + n)
             lines += ["[[services.backends]]", f'address = "{address}"']
             lines += [f"port = {port}", ""] if mode == "proxy" else [""]
         base += backends

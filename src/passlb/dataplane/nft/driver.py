@@ -10,9 +10,11 @@ nothing and a changed one only its changed slots.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.nft.counters import service_counters
@@ -104,6 +106,10 @@ class NftDriver:
     # -- sync -----------------------------------------------------------------------
 
     def sync(self, desired: DesiredState, *, full: bool = False) -> ApplyResult:
+        with _collection_paused():
+            return self._sync(desired, full)
+
+    def _sync(self, desired: DesiredState, full: bool) -> ApplyResult:
         started = time.monotonic()
         check_services(desired)
         full = full or self._applied is None
@@ -159,6 +165,24 @@ class NftDriver:
         delete_table(self.nft, self.table)
         self._applied = None
         self._desired = None
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a sync builds its table.
+
+    A sync allocates an object per chain, rule, counter and element (hundreds
+    of thousands at 1,000 services) and frees them together; the collector
+    would walk every live object several times meanwhile: half of a no-change
+    sync's time at 1,000 services (0.98 -> 0.45 s). It runs after the sync.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def was_cut(previous: DesiredState | None, service: str, b: BackendDesired) -> bool:

@@ -33,6 +33,7 @@ key hashes the client address: `jhash ip6 saddr mod 0xffffffff seed S . sport . 
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -88,8 +89,9 @@ def _backend_chain(bid: int) -> str:
     return f"backend_{bid}"
 
 
-def _backend_rules(bid: int, address: IPAddress) -> list[str]:
-    return [f'counter name "pkts_{bid}" fwd {_ip(address.version)} to {address} device iif']
+@functools.lru_cache(maxsize=1 << 16)  # every backend of every sync
+def _backend_rules(bid: int, address: IPAddress) -> tuple[str, ...]:
+    return (f'counter name "pkts_{bid}" fwd {_ip(address.version)} to {address} device iif',)
 
 
 def _service_rules(sd: ServiceDesired, names: ServiceNames) -> list[str]:

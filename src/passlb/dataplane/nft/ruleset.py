@@ -16,9 +16,11 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import compress
 from operator import ne
@@ -56,7 +58,7 @@ class Ruleset:
     # Treated as immutable: a change makes a new array.
     rings: dict[str, RingValues] = field(default_factory=dict)
 
-    def add_chain(self, chain: Chain, rules: list[str] | None = None) -> None:
+    def add_chain(self, chain: Chain, rules: Sequence[str] | None = None) -> None:
         self.chains[chain.name] = chain
         self.rules[chain.name] = [Rule(chain.name, r) for r in rules or []]
 
@@ -115,6 +117,7 @@ class NftBackend(Protocol):
 _FINGERPRINT = re.compile(r"^(.*?) ?\[([0-9a-f]{8})\]$")
 
 
+@functools.lru_cache(maxsize=1 << 14)  # every set of every sync
 def fingerprint(s: Set) -> str:
     """A short, stable digest of what a set is declared as (not its comment)."""
     decl = repr((s.key, s.value, s.typeof, sorted(s.flags), s.timeout, s.size))
@@ -177,7 +180,7 @@ def same_chain(current: Chain, desired: Chain) -> bool:
     names carry the device). Replacing it would re-register the hook for
     nothing on every adopt.
     """
-    if current.device is None:
+    if current.device is None and desired.device is not None:
         current = replace(current, device=desired.device)
     return current == desired
 
