@@ -113,24 +113,28 @@ def kernel_memory() -> dict[str, float]:
         after = meminfo_kib("Slab", "VmallocUsed")
         results[f"ring_{slots}_kib"] = (after - before) / count
         runner.run_script("delete table netdev memtest")
-    entries = 100_000
-    before = meminfo_kib("Slab", "VmallocUsed")
-    script = [
-        "add table netdev memtest",
-        "add map netdev memtest flows { typeof ip saddr . th sport . th dport : meta mark ; "
-        "flags dynamic,timeout ; timeout 5m ; size 1048576 ; }",
-    ]
-    for start in range(0, entries, 5000):
-        elements = ", ".join(
-            f"198.18.{(i >> 8) & 255}.{i & 255} . {1024 + i % 60000} . 443 : {1 + i % 10}"
-            for i in range(start, start + 5000)
-        )
-        script.append(f"add element netdev memtest flows {{ {elements} }}")
-    runner.run_script("\n".join(script))
-    time.sleep(1.0)
-    after = meminfo_kib("Slab", "VmallocUsed")
-    results["flow_entry_bytes"] = (after - before) * 1024 / entries
-    runner.run_script("delete table netdev memtest")
+    entries = 400_000
+    rounds = []
+    for _ in range(2):  # the median of two: other work moves Slab too
+        before = meminfo_kib("Slab", "VmallocUsed")
+        script = [
+            "add table netdev memtest",
+            "add map netdev memtest flows { typeof ip saddr . th sport . th dport : meta mark ; "
+            "flags dynamic,timeout ; size 1048576 ; }",
+        ]
+        for start in range(0, entries, 5000):
+            elements = ", ".join(
+                f"198.{18 + (i >> 16)}.{(i >> 8) & 255}.{i & 255} . {1024 + i % 60000} . 443 "
+                f"timeout 300s : {1 + i % 10}"
+                for i in range(start, start + 5000)
+            )
+            script.append(f"add element netdev memtest flows {{ {elements} }}")
+        runner.run_script("\n".join(script))
+        time.sleep(1.0)
+        rounds.append((meminfo_kib("Slab", "VmallocUsed") - before) * 1024 / entries)
+        runner.run_script("delete table netdev memtest")
+        time.sleep(1.0)
+    results["flow_entry_bytes"] = sorted(rounds)[len(rounds) // 2]
     return results
 
 
@@ -328,8 +332,8 @@ def report(results: dict[str, Any]) -> str:
         "write); the desired state (the Maglev rings) is computed before, as the daemon "
         "does in a worker thread ahead of a health transition. Building those rings took "
         + ", ".join(
-            f"{c['after']['desired_seconds']:.1f} s ({c['label'].split(',')[0]}, "
-            f"{c['after']['mode']}, three states)"
+            f"{c['after']['desired_seconds']:.1f} s ({c['after']['services']:,} x "
+            f"{c['after']['backends']} {c['after']['mode']}, three states)"
             for c in results["large"]
         )
         + ".",

@@ -15,6 +15,7 @@ import gc
 import time
 from array import array
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.nft.counters import service_counters
@@ -52,6 +53,18 @@ class RingCache:
             del self._kept[name]
 
 
+@dataclass(frozen=True)
+class SyncPlan:
+    """One sync, as the mode's `write` gets it."""
+
+    desired: DesiredState
+    current: Ruleset | None  # what the kernel holds (read, or last written)
+    rendered: Ruleset  # what it will hold
+    tx: Transaction  # the difference
+    released: dict[Owner, int]  # backend ids let go
+    full: bool
+
+
 class NftDriver:
     """The template: a mode supplies `render`, `owner_maps` and its cuts (`write`)."""
 
@@ -78,19 +91,10 @@ class NftDriver:
         """The whole table for `desired`; every backend it names has an id."""
         raise NotImplementedError
 
-    def write(
-        self,
-        desired: DesiredState,
-        current: Ruleset | None,
-        rendered: Ruleset,
-        tx: Transaction,
-        released: dict[Owner, int],
-        full: bool,
-    ) -> tuple[int, bool]:
-        """Apply `tx` with the mode's flow cuts. Returns the operations written and
-        whether the kernel now holds exactly `rendered` (False: the next sync is full)."""
-        self.nft.apply(tx)
-        return len(tx), True
+    def write(self, plan: SyncPlan) -> tuple[int, bool]:
+        """Apply `plan.tx` with the mode's flow cuts. Returns the operations written and
+        whether the kernel now holds exactly `plan.rendered` (False: the next sync is full)."""
+        raise NotImplementedError
 
     def adopted(self, current: Ruleset | None) -> None:
         """After ids were recovered from `current`: what else the mode holds back."""
@@ -123,7 +127,7 @@ class NftDriver:
         self.rings.keep_only(set(rendered.rings))
         tx = converge(current, rendered, rewrite_rules=full)
         try:
-            written, exact = self.write(desired, current, rendered, tx, released, full)
+            written, exact = self.write(SyncPlan(desired, current, rendered, tx, released, full))
         except DataplaneError:
             self._applied = None  # the next sync re-reads the kernel and rewrites everything
             raise

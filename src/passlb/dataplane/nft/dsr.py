@@ -38,12 +38,11 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from passlb.dataplane.base import Flow
-from passlb.dataplane.nft.driver import NftDriver, RingCache, was_cut
+from passlb.dataplane.nft.driver import NftDriver, RingCache, SyncPlan, was_cut
 from passlb.dataplane.nft.ids import Owner, owner_comment
 from passlb.dataplane.nft.names import ServiceNames, ident
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
 from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, same_declaration
-from passlb.dataplane.nft.transaction import Transaction
 from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import hash_fields
 from passlb.model import IPAddress, PortSet
@@ -236,18 +235,11 @@ class DsrDriver(NftDriver):
 
     # -- flow cuts --------------------------------------------------------------------
 
-    def write(
-        self,
-        desired: DesiredState,
-        current: Ruleset | None,
-        rendered: Ruleset,
-        tx: Transaction,
-        released: dict[Owner, int],
-        full: bool,
-    ) -> tuple[int, bool]:
-        """Apply `tx` with the flow cuts in the same transaction, or without them if that
+    def write(self, plan: SyncPlan) -> tuple[int, bool]:
+        """Apply the transaction with the flow cuts in it, or without them if that
         fails. Returns the operations written and whether the cuts were made."""
-        cuts = self._flow_cuts(desired, current, rendered, bool(released), full)
+        tx = plan.tx
+        cuts = self._flow_cuts(plan)
         if not cuts:
             self.nft.apply(tx)
             return len(tx), True
@@ -265,34 +257,27 @@ class DsrDriver(NftDriver):
             self.nft.apply(tx)
             return len(tx), False
 
-    def _flow_cuts(
-        self,
-        desired: DesiredState,
-        current: Ruleset | None,
-        rendered: Ruleset,
-        released: bool,
-        full: bool,
-    ) -> list[Element]:
+    def _flow_cuts(self, plan: SyncPlan) -> list[Element]:
         """Flow entries to delete: of cut backends, of backends gone, of unknown ids.
         Ids that entries still name stay held; the others are free again."""
-        previous = self._desired
+        previous, current, full = self._desired, plan.current, plan.full
         ids = self.ids.ids
         cuts: list[Element] = []
         still_held: set[int] = set()
-        for sd in desired.services:
+        for sd in plan.desired.services:
             names = ServiceNames.of(sd.service.name)
             cut_ids = {
                 ids[(sd.service.name, b.key)]
                 for b in sd.backends
                 if b.cut_flows and (full or not was_cut(previous, sd.service.name, b))
             }
-            if not (cut_ids or released or full or self.ids.held):
+            if not (cut_ids or plan.released or full or self.ids.held):
                 continue
             for transport in sd.service.protocol.transports:
                 flows = names.flows(transport)
                 if current is None or flows not in current.sets:
                     continue
-                if not same_declaration(current.sets[flows], rendered.sets[flows]):
+                if not same_declaration(current.sets[flows], plan.rendered.sets[flows]):
                     continue  # a new or re-declared flow table holds nothing to cut
                 for elem in self.nft.read_elements(self.table, flows):
                     bid = int(elem.value or 0)

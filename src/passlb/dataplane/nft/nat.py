@@ -39,12 +39,11 @@ from passlb.dataplane.nft.conntrack import (
     CtFilter,
     NetlinkConntrack,
 )
-from passlb.dataplane.nft.driver import NftDriver, RingCache, was_cut
+from passlb.dataplane.nft.driver import NftDriver, RingCache, SyncPlan, was_cut
 from passlb.dataplane.nft.ids import Owner, owner_comment
 from passlb.dataplane.nft.names import ServiceNames
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
 from passlb.dataplane.nft.ruleset import NftBackend, Ruleset
-from passlb.dataplane.nft.transaction import Transaction
 from passlb.errors import DataplaneError
 from passlb.hashing.flowkey import hash_fields
 from passlb.model import PortSet
@@ -303,30 +302,22 @@ class NatDriver(NftDriver):
     def render(self, desired: DesiredState) -> Ruleset:
         return render(desired, self.ids.ids, self.table, self.rings)
 
-    def write(
-        self,
-        desired: DesiredState,
-        current: Ruleset | None,
-        rendered: Ruleset,
-        tx: Transaction,
-        released: dict[Owner, int],
-        full: bool,
-    ) -> tuple[int, bool]:
-        rings_before = _services_with_ring(current, desired)
+    def write(self, plan: SyncPlan) -> tuple[int, bool]:
+        rings_before = _services_with_ring(plan.current, plan.desired)
         cuts = self._pending + plan_cuts(
-            self._desired, desired, self.ids.ids, released, rings_before, full
+            self._desired, plan.desired, self.ids.ids, plan.released, rings_before, plan.full
         )
         try:
-            self.nft.apply(tx)
+            self.nft.apply(plan.tx)
         except DataplaneError:
             self._pending = cuts
             raise
-        self._desired = desired
+        self._desired = plan.desired
         # After the transaction: the ring no longer sends new flows where the cut
         # entries pointed, so the next packet of a cut flow is balanced afresh.
         self._pending = []
         self._cut(cuts)
-        return len(tx), True
+        return len(plan.tx), True
 
     def _cut(self, cuts: list[Cut]) -> None:
         for index, cut in enumerate(cuts):

@@ -44,7 +44,7 @@ from passlb.dataplane.nft.nlmsg import (
 )
 from passlb.dataplane.nft.objects import CounterValue, Element, RingValues, RingWrite
 from passlb.dataplane.nft.setelem import ring_batch, ring_from_dump
-from passlb.dataplane.nft.setread import SetInfo, elements_from, sets_from
+from passlb.dataplane.nft.setread import SetInfo, elements_from, list_elements, sets_from
 from passlb.errors import DataplaneError
 
 NFNL_SUBSYS_NFTABLES = 10
@@ -155,19 +155,13 @@ def counters_from(parts: Parts) -> dict[str, CounterValue]:
 def mark_values_from(parts: Parts) -> Counter[int]:
     """How many elements map to each 32-bit value (a `meta mark` datum is host order)."""
     counts: Counter[int] = Counter()
-    for buffer, start, end in _messages(parts):
-        for kind, a, b in attrs(buffer, start, end):
-            if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+    for buffer, c, d in list_elements(parts):
+        for field, e, f in attrs(buffer, c, d):
+            if field != NFTA_SET_ELEM_DATA:
                 continue
-            for elem_kind, c, d in attrs(buffer, a, b):
-                if elem_kind != NFTA_LIST_ELEM:
-                    continue
-                for field, e, f in attrs(buffer, c, d):
-                    if field != NFTA_SET_ELEM_DATA:
-                        continue
-                    for part, g, h in attrs(buffer, e, f):
-                        if part == NFTA_DATA_VALUE and h - g == 4:
-                            counts[struct.unpack_from("=I", buffer, g)[0]] += 1
+            for part, g, h in attrs(buffer, e, f):
+                if part == NFTA_DATA_VALUE and h - g == 4:
+                    counts[struct.unpack_from("=I", buffer, g)[0]] += 1
     return counts
 
 

@@ -219,24 +219,29 @@ def _verdict(buffer: bytes, start: int, end: int) -> str:
     return ""
 
 
-def elements_from(info: SetInfo, parts: Parts) -> list[Element]:
-    """Every element of a GETSETELEM dump of the set `info` describes, in nft's text."""
-    name = info.decl.name
-    found = []
-    ends: list[int] = []
+def list_elements(parts: Parts) -> Iterator[tuple[bytes, int, int]]:
+    """(buffer, start, end) of the attributes of each element in a GETSETELEM dump."""
     for buffer, spans in parts:
         for start, end in spans:
             for kind, a, b in attrs(buffer, start, end):
                 if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
                     continue
                 for elem_kind, c, d in attrs(buffer, a, b):
-                    if elem_kind != NFTA_LIST_ELEM:
-                        continue
-                    end_key = _interval_end(buffer, c, d)
-                    if end_key is not None:
-                        ends.append(end_key)
-                    else:
-                        found.append(_element(name, info, buffer, c, d))
+                    if elem_kind == NFTA_LIST_ELEM:
+                        yield buffer, c, d
+
+
+def elements_from(info: SetInfo, parts: Parts) -> list[Element]:
+    """Every element of a GETSETELEM dump of the set `info` describes, in nft's text."""
+    name = info.decl.name
+    found = []
+    ends: list[int] = []
+    for buffer, start, end in list_elements(parts):
+        end_key = _interval_end(buffer, start, end)
+        if end_key is not None:
+            ends.append(end_key)
+        else:
+            found.append(_element(name, info, buffer, start, end))
     if "interval" in info.decl.flags and len(info.key_types) == 1:
         return _ranges(found, ends, info.key_types[0])
     return found
