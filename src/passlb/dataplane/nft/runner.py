@@ -155,7 +155,7 @@ class NftRunner:
             if "chain" in item and item["chain"]["table"] == table.name:
                 found.add_chain(_chain_from_json(item["chain"]))
         with self._netlink_lock:
-            for info in self._sets(table):
+            for info in _sets(self._netlink, table):
                 if _is_ring(info.decl):
                     found.add_ring(
                         info.decl, self._netlink.ring(table.family, table.name, info.decl.name)
@@ -171,19 +171,10 @@ class NftRunner:
 
     def read_elements(self, table: Table, set_name: str) -> list[Element]:
         with self._walker_lock:  # flow tables: a long walk, on the walker's socket
-            for info in self._sets(table):
+            for info in _sets(self._walker, table):
                 if info.decl.name == set_name:
                     return self._walker.elements(table.family, table.name, info)
         raise DataplaneError(f"set {set_name!r} not found in table {table.name!r}")
-
-    def _sets(self, table: Table) -> list[SetInfo]:
-        try:
-            return self._netlink.sets(table.family, table.name)
-        except UnknownType as e:
-            raise DataplaneError(
-                f"table {table.family} {table.name} holds a set of a type passlb does not "
-                f"write ({e}): was it changed by hand? `passlb cleanup` removes the table"
-            ) from e
 
     def read_counters(self, table: Table) -> dict[str, CounterValue]:
         # Over nfnetlink, not `list counters`: see netlink.py for why.
@@ -198,6 +189,16 @@ class NftRunner:
     def _table_exists(self, table: Table) -> bool:
         with self._netlink_lock:  # netlink: `list tables` would fill the whole cache too
             return table.name in self._netlink.table_names(table.family)
+
+
+def _sets(reader: NetlinkReader, table: Table) -> list[SetInfo]:
+    try:
+        return reader.sets(table.family, table.name)
+    except UnknownType as e:
+        raise DataplaneError(
+            f"table {table.family} {table.name} holds a set of a type passlb does not "
+            f"write ({e}): was it changed by hand? `passlb cleanup` removes the table"
+        ) from e
 
 
 def _json_documents(text: str) -> list[Json]:
