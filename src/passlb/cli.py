@@ -54,6 +54,7 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from passlb.config import load_config, summarize
+    from passlb.model import Mode
 
     status = EXIT_OK
     for path in args.files:
@@ -67,6 +68,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
             continue
         print(f"{path}: ok")
         print(summarize(config))
+        if any(s.mode in (Mode.DSR, Mode.NAT) for s in config.services):
+            from passlb.dataplane.nft.library import libnftables_missing
+
+            missing = libnftables_missing()
+            if missing is not None:  # the file is fine; this machine cannot run it yet
+                print(f"{path}: warning: {missing}", file=sys.stderr)
     return status
 
 

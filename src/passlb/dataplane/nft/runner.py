@@ -17,6 +17,7 @@ from typing import Any
 
 import nftables
 
+from passlb.dataplane.nft.library import LIBNFTABLES, libnftables_missing
 from passlb.dataplane.nft.netlink import NetlinkReader, in_netns
 from passlb.dataplane.nft.objects import (
     Chain,
@@ -66,13 +67,22 @@ class NftRunner:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
+        missing = libnftables_missing()
+        if missing is not None:
+            raise DataplaneError(missing)
         try:
             self._nft, self._netlink, self._walker, self._writer = in_netns(
                 netns or None,
-                lambda: (nftables.Nftables(), NetlinkReader(), NetlinkReader(), NetlinkReader()),
+                lambda: (
+                    nftables.Nftables(sofile=LIBNFTABLES),
+                    NetlinkReader(),
+                    NetlinkReader(),
+                    NetlinkReader(),
+                ),
             )
         except OSError as e:
-            raise DataplaneError(f"cannot open nftables in netns {netns!r}: {e}") from e
+            where = f" in network namespace {netns}" if netns else ""
+            raise DataplaneError(f"cannot open nftables{where}: {e}") from e
         self._lock = threading.Lock()  # one libnftables context is not thread-safe
         # Netlink reads have their own sockets and locks: a flow-table walk
         # (count_marks, seconds on a big table, in a worker thread) must not
