@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from passlb import __version__
 from passlb.errors import ConfigError, PasslbError
+from passlb.model import MAX_WEIGHT, MIN_WEIGHT
 
 if TYPE_CHECKING:
     from passlb.api.client import ApiClient
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("service", help="service name")
     p.add_argument("backend", help="backend key: address, or address:port")
-    p.add_argument("weight", type=int, help="1..65535")
+    p.add_argument("weight", type=int, help=f"{MIN_WEIGHT}..{MAX_WEIGHT}")
     api_options(p)
 
     p = add("top", _cmd_top, "live view of services, backends, rates and events", "passlb top")

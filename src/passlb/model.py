@@ -102,6 +102,9 @@ class LogFormat(enum.StrEnum):
 
 DEFAULT_POOL = "default"
 DEFAULT_RING_SIZE = 65537
+# A backend's weight: the config, the admin API and `passlb weight` take these
+# bounds (the ring gives each backend slots in proportion to it).
+MIN_WEIGHT, MAX_WEIGHT = 1, 65535
 
 
 @dataclass(frozen=True, order=True)

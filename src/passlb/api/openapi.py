@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from passlb import __version__
+from passlb.model import MAX_WEIGHT, MIN_WEIGHT
 
 _ERROR = {
     "description": 'Refused; nothing changed. {"error": "<field>: <reason>"}',
@@ -225,7 +226,7 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "state": {"enum": ["enabled", "drain", "disabled"]},
-            "weight": {"type": "integer", "minimum": 1, "maximum": 65535},
+            "weight": {"type": "integer", "minimum": MIN_WEIGHT, "maximum": MAX_WEIGHT},
         },
     },
 }

@@ -21,9 +21,8 @@ from aiohttp import web
 from passlb.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from passlb.api.openapi import openapi_document
 from passlb.api.views import flow_document
-from passlb.control.reconciler import MAX_WEIGHT, MIN_WEIGHT
 from passlb.dataplane.base import Flow
-from passlb.model import AdminState
+from passlb.model import MAX_WEIGHT, MIN_WEIGHT, AdminState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -26,10 +26,13 @@ from passlb.config._reader import (
     number,
     text,
 )
+from passlb.hashing.maglev import MAX_BACKENDS
 from passlb.health.target import missing_probe_port
 from passlb.model import (
     DEFAULT_POOL,
     DEFAULT_RING_SIZE,
+    MAX_WEIGHT,
+    MIN_WEIGHT,
     AdminState,
     Affinity,
     AllUnhealthy,
@@ -71,8 +74,6 @@ MAX_RING_SIZE = 1 << 24
 # Maglev paper (Eisenbud et al., NSDI 2016), section 3.4: a table size M with
 # M > 100 * N keeps each backend's share of slots within about 1% of its ideal.
 RING_SLOTS_PER_BACKEND = 100
-# Ring slots hold a backend index in 16 bits (hashing.maglev).
-MAX_BACKENDS = 65535
 _MANY = 10_000_000
 
 TOP_KEYS = ("interfaces", "api", "log", "proxy", "services")
@@ -528,7 +529,7 @@ def _backend(
             table.problem("port", _NEEDS_SINGLE_PORT)
         else:
             port = table.optional("port", values.port)
-    weight = table.get("weight", integer(1, 65535), 1)
+    weight = table.get("weight", integer(MIN_WEIGHT, MAX_WEIGHT), 1)
     backup = table.get("backup", boolean, False)
     admin = table.get("state", choice(AdminState), AdminState.ENABLED)
     pool = DEFAULT_POOL

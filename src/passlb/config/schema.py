@@ -15,6 +15,8 @@ from typing import Any
 from passlb.config import _build as rules
 from passlb.config import _values as values
 from passlb.model import (
+    MAX_WEIGHT,
+    MIN_WEIGHT,
     AdminState,
     Affinity,
     AllUnhealthy,
@@ -151,7 +153,7 @@ def _backend() -> Schema:
     properties: Schema = {
         "address": _ADDRESS,
         "port": {**_PORT, "description": "nat and proxy only"},
-        "weight": _integer(1, 65535),
+        "weight": _integer(MIN_WEIGHT, MAX_WEIGHT),
         "backup": _BOOL,
         "state": _enum(AdminState, "enabled, drain (no new flows) or disabled (flows cut)"),
         "pool": {**_NAME, "description": "proxy only: the pool sni_routes send to"},

@@ -37,7 +37,7 @@ from typing import TypeVar
 from passlb.control.desired import compute_desired, diff_desired, update_drain_starts
 from passlb.dataplane.base import Driver
 from passlb.errors import PasslbError
-from passlb.model import AdminState, Config, Mode
+from passlb.model import MAX_WEIGHT, MIN_WEIGHT, AdminState, Config, Mode
 from passlb.state import BackendRole, DesiredState, DrainStarts, HealthStatus, HealthView
 
 log = logging.getLogger("passlb.reconciler")
@@ -70,9 +70,6 @@ class ReconcilerStats:
     apply_failures: int = 0
     last_apply: ApplyRecord | None = None
     history: list[ApplyRecord] = field(default_factory=list)
-
-
-MIN_WEIGHT, MAX_WEIGHT = 1, 65535  # the config's bounds for a backend weight
 
 
 def with_admin_overrides(

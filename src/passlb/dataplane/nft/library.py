@@ -13,7 +13,7 @@ import ctypes
 LIBNFTABLES = "libnftables.so.1"  # the file name pip-nftables' binding loads
 INSTALL = (
     "install it with `apt-get install nftables libnftables1` (Debian, Ubuntu; "
-    "`./run` installs it when run as root), or use mode = \"proxy\", which needs no kernel tables"
+    '`./run` installs it when run as root), or use mode = "proxy", which needs no kernel tables'
 )
 
 
