@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from passlb.api.openapi import openapi_document
-from passlb.config import parse_config
 from passlb.config import _build as config_rules
+from passlb.config import parse_config
 from passlb.config.schema import config_schema
 from passlb.control.reconciler import Reconciler
 from passlb.errors import ConfigError
