@@ -181,6 +181,9 @@ class Stand:
     async def reload(self) -> tuple[bool, list[str]]:
         return False, ["benchmark"]
 
+    def resync(self) -> None:
+        pass
+
 
 @contextmanager
 def serving(stand: Stand) -> Iterator[None]:

@@ -221,6 +221,12 @@ def _cmd_admin_state(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_resync(args: argparse.Namespace) -> int:
+    result = _api_client(args).post("/api/v1/resync", {})
+    print(result.get("message", "full resync requested"))
+    return EXIT_OK
+
+
 def _cmd_reload(args: argparse.Namespace) -> int:
     result = _api_client(args).post("/api/v1/reload", {})
     print(result.get("message", "reloaded"))
@@ -365,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shell", choices=["bash", "zsh"])
 
     p = add("reload", _cmd_reload, "re-read the daemon's config file", "passlb reload")
+    api_options(p)
+
+    p = add(
+        "resync",
+        _cmd_resync,
+        "re-read the data plane now and repair what changed behind passlb",
+        "passlb resync",
+    )
     api_options(p)
     return parser
 

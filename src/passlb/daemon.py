@@ -31,7 +31,7 @@ from passlb.api.telemetry import SERVICE_TOTAL, FlowCount, Telemetry
 from passlb.api.views import StatusSnapshot, read_counters, status_document
 from passlb.config import load_config
 from passlb.control.reconciler import ApplyRecord, Reconciler, assume_all_healthy
-from passlb.dataplane.base import Driver, Flow
+from passlb.dataplane.base import Driver, Flow, describe_repairs
 from passlb.dataplane.owner import DataplaneBusy, hold_dataplane
 from passlb.dataplane.proxy import new_event_loop
 from passlb.errors import ConfigError, DataplaneError, PasslbError
@@ -192,6 +192,16 @@ class Daemon:
         elif self._last_apply_failed:
             self._event("apply", "apply ok again after a failure", ok=True)
         self._last_apply_failed = record.error is not None
+        if record.repairs:
+            self.telemetry.resync_repairs.update(record.repairs)
+            self._event(
+                "resync",
+                "full resync repaired drift (the data plane had changed behind passlb): "
+                + describe_repairs(record.repairs),
+                log_as="resync repaired",
+                ok=True,
+                repairs=describe_repairs(record.repairs),
+            )
 
     def _event(self, kind: str, message: str, *, log_as: str = "", **fields: Any) -> None:
         """One event for the API and the status page, and the same as a log line
@@ -263,6 +273,11 @@ class Daemon:
         return render_metrics(
             await self.status(), self.telemetry.apply_duration, self.telemetry.ring_build
         )
+
+    def resync(self) -> None:
+        """A full resync now: every driver re-reads its data plane and repairs drift."""
+        self.reconciler.request_full_resync()
+        self._event("resync", "full resync requested", ok=True)
 
     async def reload(self) -> tuple[bool, list[str]]:
         self.last_reload = {"at": time.time(), "ok": False, "issues": []}
@@ -338,6 +353,7 @@ class Daemon:
                 if (d := self.drivers.get(s.mode)) is not None and d.blocking
             ),
             flow_count=self.telemetry.flow_count,
+            resync_repairs=dict(self.telemetry.resync_repairs),
             counting_flows=self.telemetry.counting_flows,
         )
 

@@ -33,6 +33,7 @@ class FakeControl:
     def __init__(self) -> None:
         self.updates: list[tuple[str, str, AdminState | None, int | None]] = []
         self.reload_result: tuple[bool, list[str]] = (True, [])
+        self.resyncs = 0
         self.flow_queries: list[tuple[str | None, str | None]] = []
         self.history_queries: list[tuple[str | None, str | None, int]] = []
 
@@ -94,6 +95,9 @@ class FakeControl:
 
     async def reload(self) -> tuple[bool, list[str]]:
         return self.reload_result
+
+    def resync(self) -> None:
+        self.resyncs += 1
 
 
 @pytest.fixture

@@ -115,6 +115,12 @@ DAEMON_METRICS = (
     MetricInfo("passlb_apply_failures_total", "counter", "Applies the data plane refused."),
     MetricInfo("passlb_reloads_total", "counter", "Config reloads attempted."),
     MetricInfo(
+        "passlb_resync_repairs_total",
+        "counter",
+        "Objects a full resync found changed behind passlb's back and put back, by service"
+        " (empty: shared objects) and kind (table, chains, sets, counters, elements, ring_slots).",
+    ),
+    MetricInfo(
         "passlb_reload_failures_total", "counter", "Config reloads rejected (the old one stays)."
     ),
     MetricInfo("passlb_in_sync", "gauge", "1 when the data plane holds the desired state."),
@@ -204,6 +210,9 @@ def render_metrics(doc: Mapping[str, Any], apply_duration: Histogram, ring_build
     add("passlb_applies_total", {}, doc["applies"])
     add("passlb_apply_failures_total", {}, doc["apply_failures"])
     add("passlb_reloads_total", {}, doc["reloads"])
+    for repair in doc.get("resync_repairs", []):
+        labels = {"service": repair["service"], "kind": repair["kind"]}
+        add("passlb_resync_repairs_total", labels, repair["total"])
     add("passlb_reload_failures_total", {}, doc["reload_failures"])
     add("passlb_in_sync", {}, 1 if doc["state"]["in_sync"] else 0)
     add("passlb_uptime_seconds", {}, doc["uptime"])

@@ -394,6 +394,13 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": _json("reloaded", _ref("Message")), "422": _ERROR},
         }
     },
+    "/api/v1/resync": {
+        "post": {
+            "summary": "A full resync now: re-read the data plane, repair what changed"
+            " behind passlb (reported in the log, events and passlb_resync_repairs_total)",
+            "responses": {"200": _json("requested", _ref("Message"))},
+        }
+    },
 }
 
 

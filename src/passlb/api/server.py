@@ -59,6 +59,8 @@ class Control(Protocol):
 
     async def reload(self) -> tuple[bool, list[str]]: ...
 
+    def resync(self) -> None: ...
+
 
 class BadRequest(Exception):
     """A client error: the message is "<field>: <reason>"."""
@@ -264,6 +266,11 @@ def build_app(
             return _error(422, "config: rejected; the running configuration stays", issues=issues)
         return web.json_response({"message": "reloaded"})
 
+    async def resync(request: web.Request) -> web.Response:
+        _query(request, ())
+        control.resync()
+        return web.json_response({"message": "full resync requested"})
+
     app = web.Application(middlewares=[errors, auth])
     app.router.add_get("/", index)
     app.router.add_get("/favicon.ico", favicon)
@@ -280,6 +287,7 @@ def build_app(
     app.router.add_get("/api/v1/flows", flows)
     app.router.add_get("/api/v1/history", history)
     app.router.add_post("/api/v1/reload", reload)
+    app.router.add_post("/api/v1/resync", resync)
     return app
 
 

@@ -11,6 +11,7 @@ import bisect
 import collections
 import math
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -357,5 +358,7 @@ class Telemetry:
     ring_build: Histogram = field(default_factory=Histogram)
     reloads: int = 0
     reload_failures: int = 0
+    # What full resyncs found changed in the data plane, by (service, kind), summed.
+    resync_repairs: Counter[tuple[str, str]] = field(default_factory=Counter)
     flow_count: FlowCount | None = None  # the last finished count of the blocking drivers
     counting_flows: bool = False  # a count is running now

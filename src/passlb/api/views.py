@@ -55,6 +55,7 @@ class StatusSnapshot:
     counted_services: frozenset[str] = frozenset()
     flow_count: FlowCount | None = None
     counting_flows: bool = False
+    resync_repairs: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 def status_document(
@@ -158,6 +159,10 @@ def status_document(
         "last_reload": dict(snap.last_reload),
         "last_event": snap.last_event,
         "flow_count": _flow_count(snap),
+        "resync_repairs": [
+            {"service": service, "kind": kind, "total": total}
+            for (service, kind), total in sorted(snap.resync_repairs.items())
+        ],
         "errors": errors,
     }
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from passlb.control.desired import compute_desired, diff_desired, update_drain_starts
-from passlb.dataplane.base import Driver
+from passlb.dataplane.base import Driver, Repairs, describe_repairs
 from passlb.errors import PasslbError
 from passlb.model import MAX_WEIGHT, MIN_WEIGHT, AdminState, Config, Mode
 from passlb.state import BackendRole, DesiredState, DrainStarts, HealthStatus, HealthView
@@ -62,6 +62,8 @@ class ApplyRecord:
     changes: str  # a one-line summary of the diff
     error: str | None = None
     compute_duration: float = 0.0  # desired-state computation, Maglev ring builds included
+    # What a full resync found changed in the data plane and put back (ApplyResult.repairs).
+    repairs: Repairs = field(default_factory=dict)
 
 
 @dataclass
@@ -259,12 +261,13 @@ class Reconciler:
         desired = self.compute()
         compute_duration = time.perf_counter() - started
         full = self._begin(desired, full)
+        found: Repairs = {}
         try:
             for driver, part in self._parts(desired):
-                driver.sync(part, full=full)
+                found.update(driver.sync(part, full=full).repairs)
         except Exception as err:
             return self._finish(desired, full, started, compute_duration, _apply_error(err))
-        return self._finish(desired, full, started, compute_duration, None)
+        return self._finish(desired, full, started, compute_duration, None, found)
 
     async def apply_off_loop(self, *, full: bool = False) -> ApplyRecord | None:
         """Compute the desired state off the event loop and push it to every
@@ -281,15 +284,17 @@ class Reconciler:
             self._dirty.set()
             return None
         full = self._begin(desired, full)
+        found: Repairs = {}
         try:
             for driver, part in self._parts(desired):
                 if driver.blocking:
-                    await asyncio.to_thread(driver.sync, part, full=full)
+                    result = await asyncio.to_thread(driver.sync, part, full=full)
                 else:
-                    driver.sync(part, full=full)
+                    result = driver.sync(part, full=full)
+                found.update(result.repairs)
         except Exception as err:
             return self._finish(desired, full, started, compute_duration, _apply_error(err))
-        return self._finish(desired, full, started, compute_duration, None)
+        return self._finish(desired, full, started, compute_duration, None, found)
 
     def _begin(self, desired: DesiredState, full: bool) -> bool:
         """Take `desired` as the state being applied; whether the apply is full."""
@@ -316,6 +321,7 @@ class Reconciler:
         started: float,
         compute_duration: float,
         error: str | None,
+        repaired: Repairs | None = None,
     ) -> ApplyRecord:
         """Record an apply (what changed, how long, whether it failed) and log it."""
         changes = str(diff_desired(self.applied, desired))
@@ -326,10 +332,16 @@ class Reconciler:
             changes=changes,
             error=error,
             compute_duration=compute_duration,
+            repairs=repaired or {},
         )
         self.stats.applies += 1
         self.stats.last_apply = record
         self.stats.history = [*self.stats.history[-49:], record]
+        if error is None and record.repairs:
+            log.warning(
+                "resync repaired drift: the data plane had changed behind passlb: %s",
+                describe_repairs(record.repairs),
+            )
         if error is None:
             self.applied = desired
             self._need_full = False

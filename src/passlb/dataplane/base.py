@@ -57,11 +57,25 @@ class Flow:
     src_hash: int | None = None
 
 
+# What a full resync found changed behind passlb's back and put back:
+# (service, or "" for objects the services share, kind) -> objects repaired.
+Repairs = dict[tuple[str, str], int]
+
+
+def describe_repairs(repairs: Repairs) -> str:
+    """'web: ring_slots 21845; (shared): elements 1', for a log line or an event."""
+    by_service: dict[str, list[str]] = {}
+    for (service, kind), count in sorted(repairs.items()):
+        by_service.setdefault(service or "(shared)", []).append(f"{kind} {count}")
+    return "; ".join(f"{service}: {', '.join(kinds)}" for service, kinds in by_service.items())
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     full: bool  # a full resync (first sync, after a failure, or periodic) rather than a delta
     operations: int  # objects/elements written
     duration: float  # seconds
+    repairs: Repairs = field(default_factory=dict)  # by a full resync (see Repairs)
 
 
 class Driver(Protocol):

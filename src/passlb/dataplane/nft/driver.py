@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.nft.counters import service_counters
+from passlb.dataplane.nft.drift import repairs
 from passlb.dataplane.nft.ids import BackendIds, Owner, parse_owner
-from passlb.dataplane.nft.names import check_services
+from passlb.dataplane.nft.names import ServiceNames, check_services
 from passlb.dataplane.nft.objects import RingValues, Table
 from passlb.dataplane.nft.ruleset import NftBackend, Ruleset, converge, delete_table
 from passlb.dataplane.nft.transaction import Transaction
@@ -116,8 +117,10 @@ class NftDriver:
     def _sync(self, desired: DesiredState, full: bool) -> ApplyResult:
         started = time.monotonic()
         check_services(desired)
-        full = full or self._applied is None
-        current = self.nft.read(self.table) if full else self._applied
+        believed = self._applied  # what the kernel held after the last sync, as far as we know
+        full = full or believed is None
+        current = self.nft.read(self.table) if full else believed
+        found = repairs(believed, current, self._owner_of) if full and believed else {}
         if not self._adopted:
             self._adopt(current)
         released = self.ids.assign(
@@ -133,7 +136,24 @@ class NftDriver:
             raise
         self._applied = rendered if exact else None
         self._desired = desired
-        return ApplyResult(full=full, operations=written, duration=time.monotonic() - started)
+        return ApplyResult(
+            full=full, operations=written, duration=time.monotonic() - started, repairs=found
+        )
+
+    def _owner_of(self, name: str, comment: str | None) -> str:
+        """The service an object belongs to (drift.OwnerOf): by its comment (sets and
+        counters name their service, elements "<service>/<backend>"), by its name, or
+        by the backend id in it (backend_<id>); "" for the table's shared objects."""
+        if comment:
+            owner = parse_owner(comment)
+            return owner[0] if owner is not None else comment
+        for sd in self.known_services():
+            names = ServiceNames.of(sd.service.name)
+            if name in (names.chain, names.ring, names.drop_counter):
+                return sd.service.name
+        _, _, number = name.rpartition("_")
+        holder = self.ids.owner(int(number)) if number.isdigit() else None
+        return holder[0] if holder is not None else ""
 
     def _adopt(self, current: Ruleset | None) -> None:
         """Recover backend ids from a table a previous run left (kept forwarding meanwhile)."""
