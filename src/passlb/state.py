@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from passlb.hashing.maglev import Ring
-from passlb.model import IPAddress, Service
+from passlb.model import Backend, IPAddress, Service
 
 
 class BackendRole(enum.StrEnum):
@@ -43,6 +43,18 @@ DrainStarts = Mapping[tuple[str, str], float]
 
 
 @dataclass(frozen=True)
+class RemovedBackend:
+    """A backend gone from the config whose flows still drain (issue 17)."""
+
+    backend: Backend  # as last configured
+    at: float  # clock value at which its drain began: the removal, or an earlier admin drain
+
+
+# (service name, backend key) -> the removed backend, while it drains
+RemovedBackends = Mapping[tuple[str, str], RemovedBackend]
+
+
+@dataclass(frozen=True)
 class BackendDesired:
     key: str  # Backend.key
     address: IPAddress
@@ -52,13 +64,20 @@ class BackendDesired:
     healthy: bool
     drain_deadline: float | None = None  # clock value after which its flows are cut
     cut_flows: bool = False  # its existing flows must be removed now
+    cut_udp: bool = False  # its existing UDP flows must be removed now (TCP ones stay)
+    removed: bool = False  # gone from the config; kept, draining, until its flows are cut
+
+    def cuts(self, transport: str) -> bool:
+        """Whether its existing flows of this transport ("tcp" | "udp") must be removed now."""
+        return self.cut_flows or (self.cut_udp and transport == "udp")
 
 
 @dataclass(frozen=True)
 class ServiceDesired:
     service: Service
     seed: int  # jhash seed for this service's ring lookup
-    backends: tuple[BackendDesired, ...]  # every configured backend, in config order
+    # every configured backend in config order, then the removed ones still draining
+    backends: tuple[BackendDesired, ...]
     ring: Ring | None  # slot -> index into `backends`; None: drop new flows
 
     def backend(self, key: str) -> BackendDesired | None:

@@ -364,3 +364,47 @@ async def test_a_blocking_driver_syncs_in_a_worker_thread_and_the_others_on_the_
     record = await rec.apply_off_loop(full=True)
     assert record is not None and record.error is None
     assert threads["proxy"] == threading.get_ident() != threads["kernel"]
+
+
+def test_a_removed_backend_drains_is_cut_at_its_deadline_then_leaves() -> None:
+    web = service("web", Mode.DSR, "198.18.2.11", "198.18.2.12", drain_timeout=5)
+    rec, drivers, clock = make(web)
+    rec.apply_once()
+    rec.set_config(Config(services=(service("web", Mode.DSR, "198.18.2.11", drain_timeout=5),)))
+    with pytest.raises(KeyError, match="removed from service 'web' and drains"):
+        rec.set_admin("web", "198.18.2.12", AdminState.ENABLED)
+    rec.apply_once()
+    draining = drivers[Mode.DSR].syncs[-1][0].service("web")
+    assert draining is not None
+    gone = draining.backend("198.18.2.12")
+    assert gone is not None and gone.removed and not gone.cut_flows
+    assert gone.drain_deadline == clock.now + 5
+    assert next_wakeup(draining_state := drivers[Mode.DSR].syncs[-1][0], clock.now) == clock.now + 5
+    assert draining_state.service("web") is draining
+    clock.now += 5
+    rec.apply_once()
+    cut = drivers[Mode.DSR].syncs[-1][0].service("web")
+    assert cut is not None
+    assert (cut_backend := cut.backend("198.18.2.12")) is not None and cut_backend.cut_flows
+    assert rec.removed == {}  # the cut is applied: nothing is left to drain
+    rec.apply_once()
+    after = drivers[Mode.DSR].syncs[-1][0].service("web")
+    assert after is not None and [b.key for b in after.backends] == ["198.18.2.11"]
+
+
+def test_listing_a_removed_backend_again_cancels_its_drain() -> None:
+    web = service("web", Mode.DSR, "198.18.2.11", "198.18.2.12", drain_timeout=5)
+    rec, drivers, clock = make(web)
+    rec.apply_once()
+    rec.set_config(Config(services=(service("web", Mode.DSR, "198.18.2.11", drain_timeout=5),)))
+    rec.apply_once()
+    clock.now += 1
+    rec.set_config(Config(services=(web,)))
+    clock.now += 10
+    rec.apply_once()
+    assert rec.removed == {}
+    for state, _ in drivers[Mode.DSR].syncs:
+        sd = state.service("web")
+        assert sd is not None
+        assert not any(b.cut_flows or b.cut_udp for b in sd.backends)
+    assert roles(drivers[Mode.DSR].syncs[-1][0], "web")["198.18.2.12"] is BackendRole.ACTIVE

@@ -39,15 +39,27 @@ The pool rules, per service (``compute_desired`` applies them in this order):
    which turned healthy at ``since`` gets
    ``max(1, round(weight * min(1, (now - since) / slow_start)))``.
 
+8. Removal. A backend that left the config (remembered by the caller with
+   ``update_removed``) is drained as by rule 1, from its removal (or from the
+   admin drain it was already in): role DRAINING, no new flows, flows cut at
+   drain start + drain_timeout, or at once when rule 5 says so. Its UDP flows
+   follow rule 5's UDP rule instead of the deadline: with no connection to
+   finish they move at once (``cut_udp``; a UDP-only service cuts the whole
+   backend), unless ``persist_on_unhealthy = "always"``. The caller forgets it
+   once its cut is applied (``cut_removals``); a reload that lists it again
+   cancels the drain and its flows simply continue.
+
 The ring is built over every configured backend (weight 0 for those not
-serving), so ring values index ``ServiceDesired.backends`` directly.
+serving), then the removed ones (weight 0), so ring values index
+``ServiceDesired.backends`` directly and the ring is the one the config alone
+gives: a weight-0 backend takes no part in Maglev's fill.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from passlb.hashing.flowkey import service_seed
@@ -70,6 +82,8 @@ from passlb.state import (
     DrainStarts,
     HealthStatus,
     HealthView,
+    RemovedBackend,
+    RemovedBackends,
     ServiceDesired,
 )
 
@@ -80,11 +94,23 @@ def compute_desired(
     drains: DrainStarts,
     now: float,
     reported_weights_enabled: bool = True,
+    removed: RemovedBackends | None = None,
 ) -> DesiredState:
-    """The desired state of every service under the pool rules of this module's docstring."""
+    """The desired state of every service under the pool rules of this module's docstring.
+
+    ``removed``: backends gone from the config that still drain (rule 8).
+    """
+    removed = removed or {}
     return DesiredState(
         services=tuple(
-            _service_desired(service, health, drains, now, reported_weights_enabled)
+            _service_desired(
+                service,
+                health,
+                drains,
+                now,
+                reported_weights_enabled,
+                [r for (name, _), r in removed.items() if name == service.name],
+            )
             for service in config.services
         )
     )
@@ -112,14 +138,63 @@ def update_drain_starts(
     }
 
 
+def update_removed(
+    before: Config,
+    after: Config,
+    removed: RemovedBackends,
+    drains: DrainStarts,
+    now: float,
+) -> dict[tuple[str, str], RemovedBackend]:
+    """The removed backends still draining once the config changes from ``before`` to ``after``.
+
+    A backend of ``before`` that ``after`` no longer lists starts draining at
+    ``now``, or keeps the start of the admin drain it was in; a disabled one
+    has no flows left to drain. One listed again is forgotten: its drain is
+    cancelled. So is one whose service is gone, or now of the other address
+    family (its flows cannot be the new VIP's).
+    """
+    kept: dict[tuple[str, str], RemovedBackend] = {}
+    for service in after.services:
+        listed = {b.key for b in service.backends}
+        previous = before.service(service.name)
+        for backend in previous.backends if previous else ():
+            if backend.key not in listed and backend.admin is not AdminState.DISABLED:
+                start = drains.get((service.name, backend.key), now)
+                kept[(service.name, backend.key)] = RemovedBackend(backend, start)
+        for (name, key), entry in removed.items():
+            if name == service.name and key not in listed:
+                kept.setdefault((name, key), entry)
+        for key in [k for k in kept if k[0] == service.name]:
+            if kept[key].backend.address.version != service.vip.version:
+                del kept[key]
+    return kept
+
+
+def cut_removals(state: DesiredState) -> Iterator[tuple[str, str]]:
+    """(service, backend key) of the removed backends whose flows ``state`` cuts:
+    once it is applied they have nothing left to drain."""
+    for sd in state.services:
+        for b in sd.backends:
+            if b.removed and b.cut_flows:
+                yield sd.service.name, b.key
+
+
 def _service_desired(
     service: Service,
     health: HealthView,
     drains: DrainStarts,
     now: float,
     reported_weights_enabled: bool,
+    removed: Sequence[RemovedBackend] = (),
 ) -> ServiceDesired:
-    backends = service.backends
+    configured = len(service.backends)
+    # Rule 8: removed backends follow the configured ones, drained as by rule 1
+    # from the start remembered.
+    backends = service.backends + tuple(
+        dataclasses.replace(r.backend, admin=AdminState.DRAIN) for r in removed
+    )
+    if removed:
+        drains = {**drains, **{(service.name, r.backend.key): r.at for r in removed}}
     status = [_health_status(service, b, health) for b in backends]
     enabled = [i for i, b in enumerate(backends) if b.admin is AdminState.ENABLED]
     healthy = [i for i in enabled if status[i].healthy]
@@ -143,10 +218,24 @@ def _service_desired(
         seed=service_seed(service),
         backends=tuple(
             _backend_desired(service, b, status[i], in_ring[i], drains, now)
+            if i < configured
+            else _removed_desired(service, _backend_desired(service, b, status[i], 0, drains, now))
             for i, b in enumerate(backends)
         ),
         ring=ring,
     )
+
+
+def _removed_desired(service: Service, drained: BackendDesired) -> BackendDesired:
+    """Rule 8: a removed backend drains as by rule 1, but its UDP flows move at once
+    unless the service lets flows persist."""
+    cut_udp = (
+        "udp" in service.protocol.transports
+        and service.conntrack.persist_on_unhealthy is not PersistOnUnhealthy.ALWAYS
+    )
+    if cut_udp and service.protocol is Protocol.UDP:
+        return dataclasses.replace(drained, removed=True, cut_flows=True)
+    return dataclasses.replace(drained, removed=True, cut_udp=cut_udp and not drained.cut_flows)
 
 
 def _serving_pool(service: Service, enabled: Sequence[int], healthy: Sequence[int]) -> list[int]:

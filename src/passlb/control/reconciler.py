@@ -34,11 +34,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from passlb.control.desired import compute_desired, diff_desired, update_drain_starts
+from passlb.control.desired import (
+    compute_desired,
+    cut_removals,
+    diff_desired,
+    update_drain_starts,
+    update_removed,
+)
 from passlb.dataplane.base import Driver, Repairs, describe_repairs
 from passlb.errors import PasslbError
 from passlb.model import MAX_WEIGHT, MIN_WEIGHT, AdminState, Config, Mode
-from passlb.state import BackendRole, DesiredState, DrainStarts, HealthStatus, HealthView
+from passlb.state import BackendRole, DesiredState, HealthStatus, HealthView, RemovedBackend
 
 log = logging.getLogger("passlb.reconciler")
 
@@ -164,6 +170,8 @@ class Reconciler:
         self.on_apply = on_apply
         self.off_loop = off_loop
         self.drain_starts: dict[tuple[str, str], float] = {}
+        # Backends gone from the config whose flows still drain (desired.py, rule 8).
+        self.removed: dict[tuple[str, str], RemovedBackend] = {}
         self.applied: DesiredState | None = None
         self.desired: DesiredState | None = None
         self.stats = ReconcilerStats()
@@ -178,12 +186,17 @@ class Reconciler:
     # -- inputs ---------------------------------------------------------------
 
     def set_config(self, config: Config) -> None:
-        """Take a validated config; unchanged services keep their flows (diff apply)."""
+        """Take a validated config; unchanged services keep their flows (diff apply),
+        removed backends drain."""
+        before = self.effective_config()
         self.config = config
         live = {(s.name, b.key) for s in config.services for b in s.backends}
         for overrides in (self.admin_overrides, self.weight_overrides):
             for gone in [k for k in overrides if k not in live]:
                 del overrides[gone]
+        self.removed = update_removed(
+            before, self.effective_config(), self.removed, self.drain_starts, self.clock()
+        )
         self._note_drains()
         self._dirty.set()
 
@@ -207,7 +220,7 @@ class Reconciler:
 
     def set_admin(self, service: str, backend: str, state: AdminState) -> None:
         """A runtime admin change; raises KeyError when there is no such backend."""
-        self.check_names(service, backend)
+        self._check_changeable(service, backend)
         self.admin_overrides[(service, backend)] = state
         self._note_drains()
         self._dirty.set()
@@ -218,7 +231,7 @@ class Reconciler:
         Raises KeyError when there is no such backend, ValueError for a weight
         outside the config's bounds; either way nothing changes.
         """
-        self.check_names(service, backend)
+        self._check_changeable(service, backend)
         if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
             raise ValueError(f"must be between {MIN_WEIGHT} and {MAX_WEIGHT}, got {weight}")
         self.weight_overrides[(service, backend)] = weight
@@ -230,8 +243,18 @@ class Reconciler:
         svc = self.config.service(service)
         if svc is None:
             raise KeyError(f"service: no service {service!r}")
-        if backend is not None and svc.backend(backend) is None:
+        draining = (service, backend) in self.removed  # known until its drain ends
+        if backend is not None and svc.backend(backend) is None and not draining:
             raise KeyError(f"backend: no backend {backend!r} in service {service!r}")
+
+    def _check_changeable(self, service: str, backend: str) -> None:
+        """check_names, and a removed backend (still draining) is refused too."""
+        self.check_names(service, backend)
+        if (service, backend) in self.removed:
+            raise KeyError(
+                f"backend: {backend!r} was removed from service {service!r} and drains; "
+                "to keep it, list it in the config again and reload"
+            )
 
     def request_full_resync(self) -> None:
         self._need_full = True
@@ -248,11 +271,20 @@ class Reconciler:
     # -- applying -------------------------------------------------------------
 
     def compute(self) -> DesiredState:
-        return compute_desired(*self._inputs())
+        return self._computation()()
 
-    def _inputs(self) -> tuple[Config, HealthView, DrainStarts, float]:
-        """compute_desired's arguments, copied: safe to use from another thread."""
-        return self.effective_config(), dict(self.health), dict(self.drain_starts), self.clock()
+    def _computation(
+        self, config: Config | None = None, health: HealthView | None = None
+    ) -> Callable[[], DesiredState]:
+        """compute_desired over copies of the inputs: safe to call from another thread."""
+        return functools.partial(
+            compute_desired,
+            config or self.effective_config(),
+            dict(self.health if health is None else health),
+            dict(self.drain_starts),
+            self.clock(),
+            removed=dict(self.removed),
+        )
 
     def apply_once(self, *, full: bool = False) -> ApplyRecord:
         """Compute the desired state and push it to every driver, all in the calling
@@ -275,10 +307,10 @@ class Reconciler:
         None (and the state marked dirty) when another apply went through while
         computing: the state computed here is older than what the drivers hold
         by now. Never raises."""
-        inputs = self._inputs()
+        computation = self._computation()
         applies_before = self._applies_done
         started = time.perf_counter()
-        desired = await self.off_loop(functools.partial(compute_desired, *inputs))
+        desired = await self.off_loop(computation)
         compute_duration = time.perf_counter() - started
         if self._applies_done != applies_before:
             self._dirty.set()
@@ -345,6 +377,11 @@ class Reconciler:
         if error is None:
             self.applied = desired
             self._need_full = False
+            # Removed backends whose flows are now cut have nothing left to drain:
+            # the next apply leaves them out.
+            for done in cut_removals(desired):
+                if self.removed.pop(done, None) is not None:
+                    self._dirty.set()
             log.info(
                 "apply ok full=%s duration_ms=%.1f changes=%s",
                 full,
@@ -416,16 +453,14 @@ class Reconciler:
             self._prepare_wanted.clear()
             while self._to_prepare:
                 (name, key), status = self._to_prepare.popitem()
-                config, health, drains, now = self._inputs()
+                config = self.effective_config()
                 service = config.service(name)
                 if service is None:
                     continue
                 alone = dataclasses.replace(config, services=(service,))
-                coming = {**health, (name, key): status}
+                coming = {**self.health, (name, key): status}
                 try:
-                    await self.off_loop(
-                        functools.partial(compute_desired, alone, coming, drains, now)
-                    )
+                    await self.off_loop(self._computation(alone, coming))
                 except Exception:
                     # Only a head start is lost: the apply computes what it needs.
                     log.exception("building the rings ahead for %s/%s failed", name, key)

@@ -209,10 +209,10 @@ def _collection_paused() -> Iterator[None]:
             gc.enable()
 
 
-def was_cut(previous: DesiredState | None, service: str, b: BackendDesired) -> bool:
-    """Whether the backend's flows were already cut by the previous sync."""
+def was_cut(previous: DesiredState | None, service: str, b: BackendDesired, transport: str) -> bool:
+    """Whether the backend's flows of `transport` were already cut by the previous sync."""
     if previous is None:
         return False
     sd = previous.service(service)
     before = sd.backend(b.key) if sd is not None else None
-    return before is not None and before.cut_flows
+    return before is not None and before.cuts(transport)

@@ -267,11 +267,15 @@ class DsrDriver(NftDriver):
         for sd in plan.desired.services:
             names = ServiceNames.of(sd.service.name)
             cut_ids = {
-                ids[(sd.service.name, b.key)]
-                for b in sd.backends
-                if b.cut_flows and (full or not was_cut(previous, sd.service.name, b))
+                transport: {
+                    ids[(sd.service.name, b.key)]
+                    for b in sd.backends
+                    if b.cuts(transport)
+                    and (full or not was_cut(previous, sd.service.name, b, transport))
+                }
+                for transport in sd.service.protocol.transports
             }
-            if not (cut_ids or plan.released or full or self.ids.held):
+            if not (any(cut_ids.values()) or plan.released or full or self.ids.held):
                 continue
             for transport in sd.service.protocol.transports:
                 flows = names.flows(transport)
@@ -282,7 +286,7 @@ class DsrDriver(NftDriver):
                 for elem in self.nft.read_elements(self.table, flows):
                     bid = int(elem.value or 0)
                     live = self.ids.owner(bid) is not None
-                    if bid in cut_ids or not live:
+                    if bid in cut_ids[transport] or not live:
                         cuts.append(Element(flows, elem.key, elem.value))
                         if not live:
                             still_held.add(bid)

@@ -240,7 +240,8 @@ def plan_cuts(
     """The conntrack cuts that make the data plane honour `desired`.
 
     - A backend with cut_flows loses every flow of its service (by its mark) when
-      it becomes cut, and again on a full sync (idempotent).
+      it becomes cut, and again on a full sync (idempotent); one with cut_udp
+      (removed, draining) its UDP flows.
     - A backend that left (`released`: removed from the config, or its service
       gone) loses its UDP flows: with no connection to end them, conntrack would
       pin the client to it until idle expiry. Its TCP flows run until they end.
@@ -253,11 +254,18 @@ def plan_cuts(
         svc = sd.service
         family = svc.vip.version
         for b in sd.backends:
-            if b.cut_flows and (full or not was_cut(previous, svc.name, b)):
+            if b.cut_flows and (full or not was_cut(previous, svc.name, b, "tcp")):
                 cuts.append(
                     Cut(
                         CtFilter(family, mark=ids[(svc.name, b.key)], dst=svc.vip),
                         f"{svc.name}/{b.key}: {b.role}, flows cut",
+                    )
+                )
+            elif b.cut_udp and (full or not was_cut(previous, svc.name, b, "udp")):
+                cuts.append(
+                    Cut(
+                        CtFilter(family, mark=ids[(svc.name, b.key)], dst=svc.vip, protos=("udp",)),
+                        f"{svc.name}/{b.key}: removed, UDP flows cut",
                     )
                 )
         if (

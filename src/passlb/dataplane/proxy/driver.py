@@ -4,7 +4,9 @@ sync() is synchronous and runs inside the loop: it binds every new listener
 socket first (any failure closes them all and raises, leaving the running
 proxy as it was), then commits in steps that cannot fail: runtimes updated,
 new listeners handed to the loop, removed ones stopped with their TCP
-connections given the service's drain_timeout, cut_flows backends reset.
+connections given the service's drain_timeout, the flows the state cuts reset
+(of cut_flows backends; UDP ones of cut_udp backends; of backends the state no
+longer names: a removed backend leaves it only once its drain ended in a cut).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from passlb.dataplane.base import ApplyResult, Flow, ServiceCounters
 from passlb.dataplane.proxy.runtime import FlowHandle, ServiceRuntime, address_of
 from passlb.dataplane.proxy.tcp import TcpRelay, set_reset_on_close, set_transparent
-from passlb.dataplane.proxy.udp import UdpListener
+from passlb.dataplane.proxy.udp import UdpListener, UdpSession
 from passlb.errors import DataplaneError
 from passlb.model import IPAddress, Mode, ProxyOptions, ProxyProtocol, Service
 from passlb.state import DesiredState, ServiceDesired
@@ -135,7 +137,6 @@ class ProxyDriver:
             if runtime is None:
                 self._runtimes[sd.service.name] = ServiceRuntime(sd)
             elif runtime.desired != sd:  # unchanged services keep their pickers
-                operations += self._drain_removed_backends(runtime, sd)
                 runtime.update(sd)
         for key in sorted(set(self._listeners) - set(wanted)):
             operations += 1
@@ -172,17 +173,20 @@ class ProxyDriver:
         return result
 
     def _cut(self, runtime: ServiceRuntime, sd: ServiceDesired) -> int:
+        named = {b.key for b in sd.backends}
         cut = {b.key for b in sd.backends if b.cut_flows}
-        doomed = [f for f in runtime.flows if f.backend_key in cut]
+        cut |= {k for k, stats in runtime.stats.items() if stats.active and k not in named}
+        cut_udp = {b.key for b in sd.backends if b.cut_udp}
+        if not (cut or cut_udp):
+            return 0  # the common case: no walk over every flow
+        doomed = [
+            f
+            for f in runtime.flows
+            if f.backend_key in cut or (f.backend_key in cut_udp and isinstance(f, UdpSession))
+        ]
         for flow in doomed:
             flow.close(reset=True)
         return len(doomed)
-
-    def _drain_removed_backends(self, runtime: ServiceRuntime, sd: ServiceDesired) -> int:
-        kept = {b.key for b in sd.backends}
-        return self._drain(
-            runtime, lambda f: f.backend_key is not None and f.backend_key not in kept
-        )
 
     def _drain(self, runtime: ServiceRuntime, which: _FlowFilter) -> int:
         """Give the chosen flows drain_timeout to end by themselves, then reset them."""
