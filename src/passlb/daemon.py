@@ -355,6 +355,7 @@ class Daemon:
             flow_count=self.telemetry.flow_count,
             resync_repairs=dict(self.telemetry.resync_repairs),
             counting_flows=self.telemetry.counting_flows,
+            removed=dict(rec.removed),
         )
 
     def _forget_removed(self, config: Config) -> None:

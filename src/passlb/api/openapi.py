@@ -104,6 +104,10 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "seconds until a draining backend's flows are cut; null when "
                 "none is pending (not draining, or drained)",
             },
+            "removed": {
+                "type": "boolean",
+                "description": "gone from the config; draining until drain_deadline_in",
+            },
             "packets": {"type": "integer"},
             "bytes": {"type": "integer"},
             "new_flows": {"type": "integer"},

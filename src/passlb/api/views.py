@@ -9,6 +9,7 @@ daemon itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Mapping
@@ -22,8 +23,8 @@ from passlb.control.reconciler import ApplyRecord
 from passlb.dataplane.base import BackendCounters, Driver, Flow, ServiceCounters
 from passlb.errors import PasslbError
 from passlb.health.policy import HealthRecord
-from passlb.model import Config, Mode, PortSet
-from passlb.state import BackendRole, DesiredState, ServiceDesired
+from passlb.model import AdminState, Config, Mode, PortSet
+from passlb.state import BackendRole, DesiredState, RemovedBackend, ServiceDesired
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class StatusSnapshot:
     flow_count: FlowCount | None = None
     counting_flows: bool = False
     resync_repairs: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # backends gone from the config whose flows still drain
+    removed: Mapping[tuple[str, str], RemovedBackend] = field(default_factory=dict)
 
 
 def status_document(
@@ -70,10 +73,17 @@ def status_document(
         svc_counters = counters.get(svc.name, ServiceCounters())
         slots = _ring_slots(sd)
         backends = []
+        # Removed backends stay listed, as drained, until their drain ends in a cut.
+        gone = [
+            dataclasses.replace(r.backend, admin=AdminState.DRAIN)
+            for (name, _), r in snap.removed.items()
+            if name == svc.name
+        ]
+        removed = {b.key for b in gone}
         counted = svc.name in snap.counted_services
         flows_known = not counted or snap.flow_count is not None
         service_flows: int | None = 0 if flows_known else None
-        for b in svc.backends:
+        for b in (*svc.backends, *gone):
             bd = sd.backend(b.key) if sd else None
             c = svc_counters.backends.get(b.key, BackendCounters())
             active: int | None = c.active_flows
@@ -95,6 +105,7 @@ def status_document(
                     "port": b.port,
                     "backup": b.backup,
                     "admin": b.admin.value,
+                    "removed": b.key in removed,
                     "health": record.state.value if record else "unknown",
                     "health_reason": record.reason if record else "",
                     "check_latency": record.latency if record else None,
@@ -336,6 +347,7 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(header)
         for b in svc["backends"]:
             name = b["key"] + (" (backup)" if b["backup"] else "")
+            admin = "removed" if b.get("removed") else b["admin"]
             rates = b.get("rates", {})
             extra = ""
             if b.get("drain_deadline_in") is not None:
@@ -343,7 +355,7 @@ def format_status(doc: dict[str, Any]) -> str:
             if b["health"] == "down" and b.get("health_reason"):
                 extra += f"  ({b['health_reason']})"
             lines.append(
-                f"  {name:<24} {b['health']:<7} {b['role']:<8} {b['admin']:<8} "
+                f"  {name:<24} {b['health']:<7} {b['role']:<8} {admin:<8} "
                 f"{b['weight']:>6} {_or_dash(b.get('reported_weight')):>8} {b['ring_weight']:>6} "
                 f"{b.get('ring_share', 0.0):>5.1f}% {_or_dash(b['active_flows']):>6} "
                 f"{b['new_flows']:>8} {b['packets']:>10} {b['bytes']:>12} "

@@ -146,7 +146,7 @@ const COLUMNS = [
   ["backend", false, "backend key"],
   ["health", false, "the health check's verdict; hover for the reason"],
   ["role", false, "what the ring does with it: active, standby, draining, drained, down, disabled"],
-  ["admin", false, "admin state: enabled, drain, disabled"],
+  ["admin", false, "admin state: enabled, drain, disabled; removed: gone from the file, draining"],
   ["weight", true, "configured weight (with a runtime override)"],
   ["reported", true, "the weight its health check reports (-: none)"],
   ["ring", true, "the weight the ring was built with"],
@@ -222,7 +222,7 @@ function updateRow(row, b) {
   setAttr(c[1], "title", b.health_reason || "");
   setText(c[2], b.role);
   setAttr(c[2], "class", "role " + b.role);
-  setText(c[3], b.admin);
+  setText(c[3], b.removed ? "removed" : b.admin);
   setText(c[4], String(b.weight));
   setText(c[5], b.reported_weight === null || b.reported_weight === undefined ? "-" : String(b.reported_weight));
   setText(c[6], String(b.ring_weight));
