@@ -105,9 +105,9 @@ def test_udp_flows_of_a_removed_backend_move_at_once_unless_they_persist(
     protocol: Protocol, persist: PersistOnUnhealthy, cut_udp: bool, cut_flows: bool
 ) -> None:
     b1, b2 = backend(1), backend(2)
-    settings = {"protocol": protocol, "conntrack": ConnTracking(persist_on_unhealthy=persist)}
-    before = Config(services=(service(b1, b2, **settings),))
-    after = Config(services=(service(b1, **settings),))
+    conntrack = ConnTracking(persist_on_unhealthy=persist)
+    before = Config(services=(service(b1, b2, protocol=protocol, conntrack=conntrack),))
+    after = Config(services=(service(b1, protocol=protocol, conntrack=conntrack),))
     removed = update_removed(before, after, {}, {}, now=0.0)
     gone = only(
         compute_desired(after, healthy(b1.key, b2.key), {}, 0.0, removed=removed).service("web"),

@@ -164,9 +164,9 @@ def update_removed(
         for (name, key), entry in removed.items():
             if name == service.name and key not in listed:
                 kept.setdefault((name, key), entry)
-        for key in [k for k in kept if k[0] == service.name]:
-            if kept[key].backend.address.version != service.vip.version:
-                del kept[key]
+        for owner in [o for o in kept if o[0] == service.name]:
+            if kept[owner].backend.address.version != service.vip.version:
+                del kept[owner]
     return kept
 
 
