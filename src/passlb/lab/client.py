@@ -17,6 +17,7 @@ import ssl
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 MAX_REQUESTS = 10_000
@@ -231,6 +232,154 @@ def _collect_udp_replies(
             answered_by[seq] = str(reply["backend"])
         except (ValueError, KeyError) as exc:
             errors.append(f"bad reply {data[:80]!r}: {exc}")
+
+
+class _HeldTcp:
+    """One long-lived connection of `held_flows`: a numbered line out, its echo back."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.backend = json.loads(_read_line(self.sock)).get("backend")
+        self.sock.setblocking(False)
+        self.rounds = 0
+        self.last_ok = time.time()
+        self.error: str | None = None
+        self.broken_at: float | None = None
+        self.pending = b""  # the line sent whose echo is still due, or b""
+        self.sent_at = 0.0
+        self.received = b""
+
+    def send(self) -> None:
+        self.pending = f"{self.rounds}\n".encode()
+        self.sent_at = time.monotonic()
+        try:
+            self.sock.send(self.pending)
+        except OSError as exc:
+            self.fail(exc)
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.fail(exc)
+            return
+        if not data:
+            self.fail(ConnectionError("closed by the peer"))
+            return
+        self.received += data
+        if len(self.received) >= len(self.pending):
+            if self.received != self.pending:
+                self.fail(ValueError(f"echo {self.received!r} for {self.pending!r}"))
+                return
+            self.rounds += 1
+            self.last_ok = time.time()
+            self.pending = self.received = b""
+
+    def check_timeout(self, timeout: float) -> None:
+        if self.pending and time.monotonic() - self.sent_at > timeout:
+            self.fail(TimeoutError(f"no echo of round {self.rounds} within {timeout} s"))
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = _error(exc)["error"]
+            self.broken_at = time.time()
+            self.sock.close()
+
+    def report(self) -> Reply:
+        self.sock.close()
+        return {
+            "backend": self.backend,
+            "rounds": self.rounds,
+            "last_ok": self.last_ok,
+            "error": self.error,
+            "broken_at": self.broken_at,
+        }
+
+
+def held_flows(
+    host: str,
+    port: int,
+    tcp: int,
+    udp: int,
+    first_udp_port: int,
+    interval: float = 0.1,
+    timeout: float = 2.0,
+    stop_fd: int = 0,
+    on_ready: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """`tcp` long-lived TCP connections and `udp` UDP sessions from the fixed
+    source ports `first_udp_port`, +1, …, each sending a numbered line every
+    `interval` until `stop_fd` (stdin) is readable or MAX_SECONDS pass;
+    `on_ready` is called once all are open.
+
+    TCP: the backend that greeted each connection, its echoed rounds, the
+    wall-clock time of the last good echo and the error that broke it (a
+    reset, a close, a wrong or missing echo). UDP: per session, the backend
+    that answered each datagram, None where no answer came.
+    """
+    _check_bounds(count=tcp + udp)
+    conns = [_HeldTcp(host, port, timeout) for _ in range(tcp)]
+    sessions = []
+    for n in range(udp):
+        sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+        sock.bind(("", first_udp_port + n))
+        sock.connect((host, port))
+        sock.setblocking(False)
+        sessions.append(sock)
+    if on_ready is not None:
+        on_ready()  # every connection is open, every source port bound
+    answered: list[dict[int, str]] = [{} for _ in sessions]
+    errors: list[str] = []
+    sent = 0
+    started = time.monotonic()
+    next_round = started
+    stopping_at: float | None = None
+    while True:
+        now = time.monotonic()
+        if stopping_at is None and now - started > MAX_SECONDS:
+            stopping_at = now
+        if stopping_at is None and now >= next_round:
+            for conn in conns:
+                if conn.error is None and not conn.pending:
+                    conn.send()
+            for sock in sessions:
+                try:
+                    sock.send(f"seq={sent}".encode())
+                except OSError as exc:
+                    errors.append(f"send seq={sent}: {exc}")
+            sent += 1
+            next_round += interval
+        for conn in conns:
+            if conn.error is None:
+                conn.check_timeout(timeout)
+        live = [c for c in conns if c.error is None]
+        waiting = any(c.pending for c in live) or any(len(a) < sent for a in answered)
+        if stopping_at is not None and (not waiting or now - stopping_at > timeout):
+            break
+        wake = stopping_at + timeout if stopping_at is not None else next_round
+        watched: list[Any] = [c.sock for c in live] + sessions
+        if stopping_at is None:
+            watched.append(stop_fd)
+        readable, _, _ = select.select(watched, [], [], max(0.0, min(wake - now, interval)))
+        for ready in readable:
+            if ready is stop_fd:
+                stopping_at = time.monotonic()
+            elif ready in sessions:
+                _collect_udp_replies(ready, answered[sessions.index(ready)], errors)
+            else:
+                next(c for c in live if c.sock is ready).on_readable()
+    for sock in sessions:
+        sock.close()
+    return {
+        "tcp": [conn.report() for conn in conns],
+        "udp": [
+            {"sport": first_udp_port + n, "backends": [a.get(seq) for seq in range(sent)]}
+            for n, a in enumerate(answered)
+        ],
+        "errors": errors,
+    }
 
 
 def ping(host: str, count: int = 1, timeout: float = 1.0) -> list[float | None]:
