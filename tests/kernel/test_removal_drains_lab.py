@@ -139,20 +139,21 @@ def udp_moves(backends: list[str | None]) -> tuple[str | None, list[str], list[i
     )
 
 
-def check_udp(report: dict[str, Any], removed: str | None) -> None:
-    """Sessions on a backend that stays lose no answer and never move; those on
-    the removed one move once, at once, to one other backend (answers lost only
-    in between)."""
+def check_udp(report: dict[str, Any], removed: str, removals: int) -> None:
+    """Sessions on a backend that stays lose no answer and never move. Those on
+    the removed one move at once, each removal losing at most the datagram in
+    flight when the session was cut (its next one may find the backend listed
+    again: then, by the same ring, it is answered there again)."""
     for session in report["udp"]:
         first, changes, lost = udp_moves(session["backends"])
         assert first is not None, session
         if first != removed:
             assert (changes, lost) == ([], []), session
         else:
-            assert len(changes) == 1 and changes[0] != removed, session
-            last_on_removed = max(n for n, b in enumerate(session["backends"]) if b == removed)
-            first_moved = session["backends"].index(changes[0])
-            assert all(last_on_removed < n < first_moved for n in lost), session
+            assert len(lost) <= removals, session
+            assert session["backends"][-1] is not None, session
+            if removals == 1:  # moved at once, and it stays where it moved
+                assert session["backends"][-1] != removed, session
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -172,7 +173,7 @@ def test_churn_of_reloads_breaks_and_moves_nothing(
         assert all(c["rounds"] > 0 for c in tcp)
         assert {c["backend"] for c in tcp} == {"b1", "b2", "b3"}, (family, tcp)
         assert "b3" in {s["backends"][0] for s in report["udp"]}, (family, report["udp"])
-        check_udp(report, removed="b3")
+        check_udp(report, removed="b3", removals=6)
         assert report["errors"] == [], family
 
 
@@ -192,7 +193,7 @@ def test_removal_drains_for_drain_timeout_and_a_re_add_cancels_it(
         time.sleep(max(0.0, removed_at + 4.0 - time.time()))  # past the first deadline
     for family, report in cancelled.items():
         assert [c for c in report["tcp"] if c["error"] is not None] == [], family
-        check_udp(report, removed="b3")
+        check_udp(report, removed="b3", removals=1)
 
     # Removed for good: its connections work on until drain_timeout, then are cut.
     drained: dict[int, dict[str, Any]] = {}
@@ -227,4 +228,4 @@ def test_removal_drains_for_drain_timeout_and_a_re_add_cancels_it(
             assert conn["error"] is not None, (family, conn)  # cut
             assert conn["broken_at"] >= removed_at + 3.0, conn  # not before the deadline
             assert conn["last_ok"] > applied_at, conn  # it kept working after the removal
-        check_udp(report, removed="b3")
+        check_udp(report, removed="b3", removals=1)

@@ -192,10 +192,7 @@ def udp_stream(
         deadline = end_of_sending + timeout
         while (now := time.monotonic()) < deadline:
             if now >= next_send and now < end_of_sending:
-                try:
-                    sock.send(f"seq={sent}".encode())
-                except OSError as exc:
-                    errors.append(f"send seq={sent}: {exc}")
+                _send_seq(sock, sent, errors)
                 sent += 1
                 next_send += interval
             wake = next_send if next_send < end_of_sending else deadline
@@ -213,6 +210,13 @@ def udp_stream(
         "by_backend": dict(Counter(b for b in backends if b is not None)),
         "errors": errors,
     }
+
+
+def _send_seq(sock: socket.socket, seq: int, errors: list[str]) -> None:
+    try:
+        sock.send(f"seq={seq}".encode())
+    except OSError as exc:
+        errors.append(f"send seq={seq}: {exc}")
 
 
 def _collect_udp_replies(
@@ -345,10 +349,7 @@ def held_flows(
                 if conn.error is None and not conn.pending:
                     conn.send()
             for sock in sessions:
-                try:
-                    sock.send(f"seq={sent}".encode())
-                except OSError as exc:
-                    errors.append(f"send seq={sent}: {exc}")
+                _send_seq(sock, sent, errors)
             sent += 1
             next_round += interval
         for conn in conns:

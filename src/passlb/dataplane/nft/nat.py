@@ -242,9 +242,10 @@ def plan_cuts(
     - A backend with cut_flows loses every flow of its service (by its mark) when
       it becomes cut, and again on a full sync (idempotent); one with cut_udp
       (removed, draining) its UDP flows.
-    - A backend that left (`released`: removed from the config, or its service
-      gone) loses its UDP flows: with no connection to end them, conntrack would
-      pin the client to it until idle expiry. Its TCP flows run until they end.
+    - A backend that left the state (`released`: a removed backend whose drain
+      ended in a cut, its service gone, or one a restarted daemon does not know)
+      loses its UDP flows: with no connection to end them, conntrack would pin
+      the client to it until idle expiry. Its TCP flows run until they end.
     - A UDP service whose ring appears (new service, or 0 -> N backends) loses its
       UDP entries: made while nothing was DNATed, they would send every further
       datagram of those clients past the load balancer (kube-proxy's black hole).
