@@ -279,7 +279,7 @@ class Reconciler:
         """compute_desired over copies of the inputs: safe to call from another thread."""
         return functools.partial(
             compute_desired,
-            config or self.effective_config(),
+            self.effective_config() if config is None else config,
             dict(self.health if health is None else health),
             dict(self.drain_starts),
             self.clock(),
