@@ -4,7 +4,6 @@ makes the count slower, never the test wrong)."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -13,9 +12,8 @@ from typing import Any
 import pytest
 
 from passlb.api.client import ApiClient
-from passlb.dataplane.nft.dsr import DEFAULT_TABLE
-from passlb.dataplane.nft.names import ServiceNames
 from passlb.lab import LabSpec
+from passlb.lab.flowtable import fill_flows, only_backend_id
 
 from .conftest import MakeLab
 from .daemon_lab import API, lab_config, start_daemon
@@ -37,25 +35,7 @@ def test_status_answers_while_the_flow_table_is_counted_and_then_shows_the_count
     config_file = tmp_path / "passlb.toml"
     config_file.write_text(for_web.replace("ring_size = 1009\n", ""))
     start_daemon(lab, config_file, tmp_path / "daemon.log")
-    listed = lab.run(lab.lb.ns, ["nft", "-j", "list", "map", "netdev", DEFAULT_TABLE, "backends4"])
-    # backends4 maps each backend id (its element key, with a comment) to its chain.
-    (backend_id,) = [
-        key["elem"]["val"]
-        for item in json.loads(listed.stdout)["nftables"]
-        if "map" in item
-        for key, _chain in item["map"]["elem"]
-    ]
-    flows = ServiceNames.of("web").flows("tcp")
-    script = tmp_path / "flows.nft"
-    with open(script, "w") as out:
-        for first in range(0, FLOWS, 10_000):
-            elements = ", ".join(
-                f"198.18.{1 + i // 60_000}.{1 + i // 240 % 250} . {1024 + i % 60_000} . 80 "
-                f"timeout 600s : {backend_id}"
-                for i in range(first, first + 10_000)
-            )
-            out.write(f"add element netdev {DEFAULT_TABLE} {flows} {{ {elements} }}\n")
-    lab.run(lab.lb.ns, ["nft", "-f", str(script)], timeout=120)  # one transaction
+    fill_flows(lab, "web", FLOWS, only_backend_id(lab), tmp_path)
     filled = time.time()
 
     answered_while_counting = False

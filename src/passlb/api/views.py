@@ -64,7 +64,7 @@ class StatusSnapshot:
 def status_document(
     snap: StatusSnapshot, counters: dict[str, ServiceCounters], errors: list[str]
 ) -> dict[str, Any]:
-    """Everything `passlb status` shows, as JSON-ready data (counters from gather_counters)."""
+    """Everything `passlb status` shows, as JSON-ready data (counters from read_counters)."""
     desired = snap.desired
     services = []
     for svc in snap.effective.services:
