@@ -279,6 +279,9 @@ class Service:
     ring_size: int = DEFAULT_RING_SIZE
     hash_seed: int | None = None  # None: derived from the service name (see hashing)
     snat: bool = False  # nat only: masquerade towards backends (client IP is lost)
+    # nat only: the kernel's SYN proxy completes TCP handshakes with SYN cookies
+    # before conntrack and the backends see the flow.
+    syn_proxy: bool = False
     proxy: ProxyOptions | None = None  # proxy only
     clients: ClientRules = field(default_factory=ClientRules)
     limits: Limits = field(default_factory=Limits)

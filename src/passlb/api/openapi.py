@@ -134,6 +134,11 @@ _SCHEMAS: dict[str, Any] = {
                 "additionalProperties": {"type": "integer"},
                 "description": "refused or dropped traffic by reason (docs/protecting.md)",
             },
+            "protection": {
+                "type": "object",
+                "description": "edge protection as configured: allow_clients, deny_clients,"
+                " refuse, client_new_flow_rate, new_flow_rate, syn_proxy, syn_timeout (dsr)",
+            },
             "active_flows": {"type": "integer"},
             "reported_weights": {
                 "enum": ["none", "used", "ignored"],

@@ -23,7 +23,7 @@ from passlb.control.reconciler import ApplyRecord
 from passlb.dataplane.base import BackendCounters, Driver, Flow, ServiceCounters
 from passlb.errors import PasslbError
 from passlb.health.policy import HealthRecord
-from passlb.model import AdminState, Config, Mode, PortSet
+from passlb.model import AdminState, Config, Mode, PortSet, Service
 from passlb.state import BackendRole, DesiredState, RemovedBackend, ServiceDesired
 
 
@@ -142,6 +142,7 @@ def status_document(
                 **_reported_weights(sd, snap.health, svc.name),
                 "dropped": svc_counters.dropped,
                 "drops": dict(sorted(svc_counters.drops.items())),
+                "protection": _protection(svc),
                 "active_flows": service_flows,
                 "backends": backends,
             }
@@ -247,6 +248,20 @@ def _flow_count(snap: StatusSnapshot) -> dict[str, Any] | None:
         "age": None if count is None else max(0.0, snap.at - count.at),
         "took": None if count is None else count.took,
         "counting": snap.counting_flows,
+    }
+
+
+def _protection(svc: Service) -> dict[str, Any]:
+    """The service's edge protection as configured (docs/protecting.md)."""
+    limits = svc.limits
+    return {
+        "allow_clients": [str(n) for n in svc.clients.allow],
+        "deny_clients": [str(n) for n in svc.clients.deny],
+        "refuse": svc.clients.refuse.value,
+        "client_new_flow_rate": limits.client_new_flow_rate,
+        "new_flow_rate": limits.new_flow_rate,
+        "syn_proxy": svc.syn_proxy,
+        "syn_timeout": svc.conntrack.syn_timeout if svc.mode is Mode.DSR else None,
     }
 
 
@@ -363,6 +378,9 @@ def format_status(doc: dict[str, Any]) -> str:
                 f"{human_rate(rates.get('packets', 0.0)):>7} "
                 f"{human_rate(rates.get('bytes', 0.0)):>7}{extra}"
             )
+        guard = _protection_line(svc.get("protection", {}))
+        if guard:
+            lines.append(f"  protection: {guard}")
         drops = {reason: n for reason, n in svc.get("drops", {}).items() if n}
         if drops:
             lines.append("  dropped: " + ", ".join(f"{r} {n}" for r, n in drops.items()))
@@ -381,6 +399,23 @@ def _flow_count_line(counted: dict[str, Any]) -> str:
 
 def _or_dash(value: object) -> str:
     return "-" if value is None else str(value)
+
+
+def _protection_line(p: dict[str, Any]) -> str:
+    parts = []
+    if p.get("allow_clients"):
+        parts.append(f"allow {len(p['allow_clients'])} CIDRs")
+    if p.get("deny_clients"):
+        parts.append(f"deny {len(p['deny_clients'])} CIDRs")
+    if parts:
+        parts.append(f"refuse {p['refuse']}")
+    if p.get("client_new_flow_rate"):
+        parts.append(f"{p['client_new_flow_rate']} new flows/s per client")
+    if p.get("new_flow_rate"):
+        parts.append(f"{p['new_flow_rate']} new flows/s")
+    if p.get("syn_proxy"):
+        parts.append("SYN proxy")
+    return ", ".join(parts)
 
 
 EVENT_TIME_FORMAT = "%H:%M:%S"  # local time, 24-hour; the status page shows the same

@@ -84,7 +84,7 @@ SERVICE_KEYS = (
     "name", "vip", "protocol", "ports", "mode", "affinity", "target_port", "ring_size",
     "hash_seed", "drain_timeout", "all_unhealthy", "failover_ratio", "snat", "proxy_protocol",
     "conntrack", "health", "proxy", "backends", "allow_clients", "deny_clients", "refuse",
-    "limits",
+    "limits", "syn_proxy",
 )  # fmt: skip
 CONNTRACK_KEYS = (
     "tcp_timeout", "udp_timeout", "persist_on_unhealthy", "flow_table_size", "syn_timeout",
@@ -267,6 +267,11 @@ def _service(table: Table, index: int, names: ServiceNames) -> Service | None:
         snat = table.get("snat", boolean, False)
     else:
         snat = False
+    syn_proxy = False
+    if _only_for(table, "syn_proxy", (Mode.NAT,), mode):
+        syn_proxy = table.get("syn_proxy", boolean, False)
+        if syn_proxy and protocol is Protocol.UDP:
+            table.problem("syn_proxy", "proxies TCP handshakes; this service is protocol udp")
     proxy = None
     if mode is Mode.PROXY:
         proxy_table = table.table("proxy") or Table({}, table.at("proxy"), table.issues)
@@ -304,6 +309,7 @@ def _service(table: Table, index: int, names: ServiceNames) -> Service | None:
         ring_size=ring_size,
         hash_seed=hash_seed,
         snat=snat,
+        syn_proxy=syn_proxy,
         proxy=proxy,
         clients=clients,
         limits=limits,

@@ -188,6 +188,7 @@ def _service() -> Schema:
         "all_unhealthy": _enum(AllUnhealthy, "what to do when every backend fails its check"),
         "failover_ratio": {"type": "number", "minimum": 0, "maximum": 1},
         "snat": {**_BOOL, "description": "nat only: backends see passlb as the client"},
+        "syn_proxy": {**_BOOL, "description": "nat only: SYN cookies before conntrack"},
         "proxy_protocol": _enum(ProxyProtocol, "proxy only; same as proxy.proxy_protocol"),
         "conntrack": _table(
             {
@@ -239,7 +240,7 @@ def _service() -> Schema:
         },
         {
             "if": {"properties": {"mode": {"not": {"const": "nat"}}}, "required": ["mode"]},
-            "then": _not_allowed("snat"),
+            "then": _not_allowed("snat", "syn_proxy"),
         },
         {
             "if": {"properties": {"mode": {"const": "proxy"}}, "required": ["mode"]},

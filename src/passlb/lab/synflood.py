@@ -2,8 +2,9 @@
 
     sent = lab.call(lab.clients[0].ns, syn_flood, lab.vip4, 80, packets=200_000)
 
-Raw IPv4 packets (IP_HDRINCL, needs root) built ahead of time, one per source
-address, then sent round-robin until `packets` are out or `seconds` have
+Raw IPv4 packets (IP_HDRINCL, needs root) built ahead of time, one per packet
+to send: the sources take turns, each turn with new source ports, so every SYN
+is a flow of its own. They go out until `packets` are sent or `seconds` have
 passed, at most `rate` a second. Every source and the target must lie in
 198.18.0.0/15, the benchmarking range (RFC 2544) the lab uses: anything else
 is refused before a socket is opened, so the flood cannot leave a lab built
@@ -27,7 +28,7 @@ LAB_NET = IPv4Network("198.18.0.0/15")
 DEFAULT_SOURCES = "198.19.0.0/16"
 MAX_RATE = 200_000  # packets per second
 MAX_SECONDS = 60.0
-MAX_PACKETS = 10_000_000
+MAX_PACKETS = 2_000_000  # built ahead: ~44 bytes and ~5 us of checksums each
 MAX_SOURCES = 1 << 17  # the whole of 198.18.0.0/15
 _BATCH_SECONDS = 0.002  # pacing granularity: one burst of rate * 2 ms, then wait
 
@@ -92,9 +93,16 @@ def syn_flood(
     dst = IPv4Address(target)
     net = IPv4Network(sources)
     seed = int.from_bytes(os.urandom(4), "big")
+    addresses = list(net)
     frames = [
-        syn_packet(src, dst, 1024 + (seed + i) % 64000, port, (seed + i) & 0xFFFFFFFF)
-        for i, src in enumerate(net)
+        syn_packet(
+            addresses[i % len(addresses)],
+            dst,
+            1024 + (seed + i // len(addresses)) % 64000,
+            port,
+            (seed + i) & 0xFFFFFFFF,
+        )
+        for i in range(packets)
     ]
     to = (target, 0)  # IP_HDRINCL: the header names the source; this routes the packet
     per_batch = max(1, round(rate * _BATCH_SECONDS))
@@ -114,7 +122,7 @@ def syn_flood(
             burst = min(per_batch, packets - sent)
             for i in range(sent, sent + burst):
                 try:
-                    sendto(frames[i % len(frames)], to)
+                    sendto(frames[i], to)
                 except BlockingIOError:
                     break  # the device queue is full: count only what left
                 sent += 1

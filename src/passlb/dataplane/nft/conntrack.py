@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 _PROTO_NAME = {number: name for name, number in L4PROTO.items()}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_TCP_LOOSE = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ class ConntrackTable(Protocol):
         """TCP/UDP entries of one family by (mark, original destination)."""
         ...
 
+    def require_handshakes(self) -> None:
+        """Stop conntrack from picking up TCP flows it did not see start
+        (nf_conntrack_tcp_loose = 0), which the SYN proxy needs."""
+        ...
+
 
 class FakeConntrack:
     """Conntrack in memory, keyed by the original tuple as the kernel keys it."""
@@ -98,11 +104,15 @@ class FakeConntrack:
     def __init__(self, entries: Iterable[CtEntry] = ()) -> None:
         self.table: dict[tuple[object, ...], CtEntry] = {}
         self.deleted: list[CtEntry] = []
+        self.loose = True  # nf_conntrack_tcp_loose
         for entry in entries:
             self.add(entry)
 
     def add(self, entry: CtEntry) -> None:
         self.table[_orig_key(entry)] = entry
+
+    def require_handshakes(self) -> None:
+        self.loose = False
 
     def entries(self, where: CtFilter) -> list[CtEntry]:
         return [e for e in self.table.values() if where.matches(e)]
@@ -137,6 +147,19 @@ class NetlinkConntrack:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self._seq = itertools.count(1)
+
+    def require_handshakes(self) -> None:
+        def write() -> None:
+            # /proc/sys/net belongs to the namespace of the thread that opens it.
+            with open(_TCP_LOOSE, "w") as sysctl:
+                sysctl.write("0\n")
+
+        try:
+            in_netns(self.netns, write)
+        except OSError as e:
+            raise DataplaneError(
+                f"cannot set {_TCP_LOOSE} to 0 (the SYN proxy needs it): {e}"
+            ) from e
 
     def entries(self, where: CtFilter) -> list[CtEntry]:
         raw: list[RawEntry] = []

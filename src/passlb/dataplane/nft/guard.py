@@ -11,6 +11,8 @@ say why traffic was refused, by service.
     climit_<svc>   dynamic set: client address -> token bucket (client_new_flow_rate)
     refuse_<svc>   chain: TCP reset, else ICMP administratively prohibited
                    (only with refuse = "reject"; "drop" drops in place)
+    synp_<svc>     nat with syn_proxy: the client rules, then the kernel's SYN proxy
+                   (see SynProxy)
 
 The allow set holds the collapsed CIDRs: nft refuses overlapping elements in
 an interval set, and users write overlapping lists (a /15 and a host in it).
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 from passlb.dataplane.nft.names import ident
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set
+from passlb.dataplane.nft.ruleset import Ruleset
 from passlb.model import IPNetwork, Refusal, Service
 
 # Drop reasons of the kernel modes, as status and metrics name them; the counter
@@ -34,7 +37,20 @@ NOT_ALLOWED = "not_allowed"
 CLIENT_RATE_LIMITED = "client_rate_limited"
 RATE_LIMITED = "rate_limited"
 NO_BACKEND = "no_backend"
-_COUNTER_PREFIX = {NOT_ALLOWED: "deny", CLIENT_RATE_LIMITED: "crate", RATE_LIMITED: "rate"}
+SYN_PROXY = "syn_proxy"  # SYNs the SYN proxy answered with a cookie itself
+_COUNTER_PREFIX = {
+    NOT_ALLOWED: "deny",
+    CLIENT_RATE_LIMITED: "crate",
+    RATE_LIMITED: "rate",
+    SYN_PROXY: "synp",
+}
+
+# A TCP packet with SYN and without ACK: a client's first (or retransmitted) handshake packet.
+SYN_ONLY = "tcp flags & (syn | ack) == syn"
+# What the SYN proxy offers clients in its SYN-ACK. It cannot translate TCP
+# options afterwards, so backends must agree: window scale 7 is what Linux
+# picks with its default buffer sizes; MSS 1460 fits a 1500-byte path.
+SYN_PROXY_OPTIONS = "mss 1460"
 
 # A client's token bucket is forgotten after this long without a new flow; the
 # set's size bounds the memory a flood of sources can take. When it is full, a
@@ -68,6 +84,10 @@ class GuardNames:
     def refuse_chain(self) -> str:
         return f"refuse_{self.ident}"
 
+    @property
+    def syn_proxy_chain(self) -> str:
+        return f"synp_{self.ident}"
+
     def counter(self, reason: str) -> str:
         return f"{_COUNTER_PREFIX[reason]}_{self.ident}"
 
@@ -83,6 +103,16 @@ class Guard:
     new_flow_rules: tuple[str, ...]  # before a new flow picks its backend
 
 
+def add_guard(rs: Ruleset, guard: Guard) -> None:
+    """Put the guard's objects into a driver's table (the rules go in its chains)."""
+    for s, elements in guard.sets:
+        rs.add_set(s, list(elements))
+    for counter in guard.counters:
+        rs.add_counter(counter)
+    for chain, rules in guard.chains:
+        rs.add_chain(chain, list(rules))
+
+
 def reason_counters(service: Service) -> dict[str, str]:
     """Drop reason -> counter name of every reason `service` counts (the drivers'
     counters() read these)."""
@@ -94,6 +124,8 @@ def reason_counters(service: Service) -> dict[str, str]:
         reasons.append(CLIENT_RATE_LIMITED)
     if service.limits.new_flow_rate is not None:
         reasons.append(RATE_LIMITED)
+    if service.syn_proxy:
+        reasons.append(SYN_PROXY)
     return {reason: names.counter(reason) for reason in reasons}
 
 
@@ -172,6 +204,53 @@ def render_guard(service: Service) -> Guard:
         chains=tuple(chains),
         client_rules=tuple(client_rules),
         new_flow_rules=tuple(new_flow_rules),
+    )
+
+
+@dataclass(frozen=True)
+class SynProxy:
+    """A nat service's SYN proxy, in the four hooks it needs (nft wiki, "Synproxy").
+
+    The client's SYN skips conntrack (`notrack` at raw priority), so no entry and
+    no DNAT exist yet; the `synproxy` statement in the filter hooks answers it with
+    a SYN cookie. The client's ACK, which conntrack cannot place (that needs
+    net.netfilter.nf_conntrack_tcp_loose = 0), brings the cookie back: the kernel
+    then sends its own SYN for the flow from the output path, where the nat
+    output hook sends it into the service chain and its DNAT, and from there the
+    flow is an ordinary conntrack entry.
+    """
+
+    match: str  # the service's TCP packets before DNAT: VIP and ports
+    raw_rule: str  # prerouting, raw priority: the SYN skips conntrack
+    chain: tuple[Chain, tuple[str, ...]]  # the client rules, then the proxy
+    filter_rule: str  # forward and input: goto the chain
+    output_rule: str  # nat output: the kernel's own SYN goes to the service chain
+
+
+def render_syn_proxy(service: Service, guard: Guard, service_chain: str) -> SynProxy:
+    names = GuardNames.of(service.name)
+    ip = "ip" if service.vip.version == 4 else "ip6"
+    ports = service.ports
+    if ports.all_ports:
+        dport = ""
+    elif ports.is_single:
+        dport = f" tcp dport {ports}"
+    else:
+        dport = " tcp dport { " + ", ".join(str(r) for r in ports.ranges) + " }"
+    match = f"{ip} daddr {service.vip} meta l4proto tcp{dport}"
+    counter = f'counter name "{names.counter(SYN_PROXY)}"'
+    rules = (
+        *guard.client_rules,
+        f"{SYN_ONLY} ct state untracked {counter} synproxy {SYN_PROXY_OPTIONS}",
+        f"ct state invalid,untracked synproxy {SYN_PROXY_OPTIONS}",
+        "ct state invalid drop",
+    )
+    return SynProxy(
+        match=match,
+        raw_rule=f"{match} {SYN_ONLY} notrack",
+        chain=(Chain(names.syn_proxy_chain), rules),
+        filter_rule=f"{match} goto {names.syn_proxy_chain}",
+        output_rule=f"{match} goto {service_chain}",
     )
 
 

@@ -6,7 +6,8 @@ verdict maps (intervals included), address literals, `jhash ... mod N seed S`
 with the kernel twin, `update @set { key [timeout T] : value }` (which fails
 on a full set), named and mapped counters, `fwd`, `goto`/`jump`,
 `accept`/`drop`/`reject`, set membership (`ip saddr [!=] @set`, CIDR
-intervals included) and `limit rate over` (alone or per key in `update @set`).
+intervals included), `limit rate over` (alone or per key in `update @set`)
+and `tcp flags & (a | b) ==|!= a`.
 A failed lookup ends the rule and the packet moves to the next one, as in the
 kernel. Limits run in a time that never passes: each bucket starts full with
 its burst and does not refill, so the packet after the burst is over the rate;
@@ -38,6 +39,7 @@ class Packet:
     dport: int
     iif: str = "eth0"
     length: int = 100
+    tcp_flags: frozenset[str] = frozenset({"ack"})  # nft's names: "syn", "ack", "fin", ...
 
     @property
     def family(self) -> int:
@@ -223,6 +225,9 @@ class _RuleRun:
         if tok == "limit":
             self.limit(())
             return
+        if tok == "tcp" and self.peek(1) == "flags":
+            self.tcp_flags()
+            return
         if tok in ("goto", "jump"):
             verdict = self.take()
             raise _Verdict(verdict, self.take())
@@ -289,6 +294,22 @@ class _RuleRun:
             raise _Break
         before = values.get(name, CounterValue())
         values[name] = CounterValue(before.packets + 1, before.bytes + self.t.pkt.length)
+
+    def tcp_flags(self) -> None:
+        """`tcp flags & (syn | ack) == syn`: the masked flags equal (or not) the value."""
+        self.i += 2
+        self.take("&")
+        mask: set[str] = set()
+        while not self.tokens[self.i - 1].endswith(")"):
+            name = self.take().strip("()")
+            if name != "|":
+                mask.add(name)
+        negated = self.take() == "!="
+        wanted = set(self.take().split("|"))
+        if self.t.pkt.proto != "tcp":
+            raise _Break  # nft matches the transport first
+        if (set(self.t.pkt.tcp_flags) & mask == wanted) == negated:
+            raise _Break
 
     def limit(self, key: tuple[str, ...]) -> None:
         """`limit rate over R/second burst B packets`: over once B packets went through."""
