@@ -187,6 +187,7 @@ class Backend:
     admin: AdminState = AdminState.ENABLED
     pool: str = DEFAULT_POOL  # proxy SNI routing picks a pool by server name
     health: HealthSpec | None = None  # overrides the service's check
+    max_connections: int | None = None  # nat: concurrent flows; new ones beyond are refused
 
     @functools.cached_property  # hot: every apply and diff looks backends up by key
     def key(self) -> str:
@@ -237,6 +238,8 @@ class Limits:
 
     client_new_flow_rate: int | None = None  # new flows per second from one client address
     new_flow_rate: int | None = None  # new flows per second to the whole service
+    client_max_flows: int | None = None  # nat: concurrent flows of one client address
+    max_flows: int | None = None  # nat: concurrent flows of the whole service
 
 
 @dataclass(frozen=True)

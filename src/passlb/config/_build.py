@@ -89,11 +89,13 @@ SERVICE_KEYS = (
 CONNTRACK_KEYS = (
     "tcp_timeout", "udp_timeout", "persist_on_unhealthy", "flow_table_size", "syn_timeout",
 )  # fmt: skip
-LIMITS_KEYS = ("client_new_flow_rate", "new_flow_rate")
+LIMITS_KEYS = ("client_new_flow_rate", "new_flow_rate", "client_max_flows", "max_flows")
 # The largest rate nft's limit statement takes per second without overflowing its
 # token bucket arithmetic in a useful way; far above what one host forwards.
 MAX_FLOW_RATE = 100_000_000
-BACKEND_KEYS = ("address", "port", "weight", "backup", "state", "pool", "health")
+BACKEND_KEYS = (
+    "address", "port", "weight", "backup", "state", "pool", "health", "max_connections",
+)  # fmt: skip
 PROXY_KEYS = (
     "proxy_protocol", "transparent", "balance", "sni_routes", "sni_fallback", "sni_timeout",
     "max_connections", "max_connections_per_backend", "connect_timeout", "idle_timeout",
@@ -444,9 +446,14 @@ def _limits(service: Table, mode: Mode | None) -> Limits:
     if table is None:
         return Limits()
     table.check_keys(LIMITS_KEYS)
+    concurrent = {}
+    for key in ("client_max_flows", "max_flows"):
+        if _only_for(table, key, (Mode.NAT,), mode):
+            concurrent[key] = table.optional(key, integer(1, _MANY))
     return Limits(
         client_new_flow_rate=table.optional("client_new_flow_rate", integer(1, MAX_FLOW_RATE)),
         new_flow_rate=table.optional("new_flow_rate", integer(1, MAX_FLOW_RATE)),
+        **concurrent,
     )
 
 
@@ -546,6 +553,9 @@ def _backend(
         )
     else:
         pool = table.get("pool", values.name, DEFAULT_POOL)
+    max_connections = None
+    if _only_for(table, "max_connections", (Mode.NAT,), mode):
+        max_connections = table.optional("max_connections", integer(1, _MANY))
     health = None
     override = table.table("health")
     if override is not None:
@@ -561,6 +571,7 @@ def _backend(
         admin=admin,
         pool=pool,
         health=health,
+        max_connections=max_connections,
     )
 
 

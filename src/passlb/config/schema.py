@@ -158,6 +158,7 @@ def _backend() -> Schema:
         "state": _enum(AdminState, "enabled, drain (no new flows) or disabled (flows cut)"),
         "pool": {**_NAME, "description": "proxy only: the pool sni_routes send to"},
         "health": _table(_health_properties()),
+        "max_connections": {**_integer(1, 10_000_000), "description": "nat: concurrent flows"},
     }
     return _table(properties, required=("address",))
 
@@ -211,6 +212,14 @@ def _service() -> Schema:
                 "new_flow_rate": {
                     **_integer(1, rules.MAX_FLOW_RATE),
                     "description": "new flows per second to the service",
+                },
+                "client_max_flows": {
+                    **_integer(1, 10_000_000),
+                    "description": "nat: concurrent flows of one client address",
+                },
+                "max_flows": {
+                    **_integer(1, 10_000_000),
+                    "description": "nat: concurrent flows of the service",
                 },
             }
         ),

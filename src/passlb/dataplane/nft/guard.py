@@ -38,11 +38,17 @@ CLIENT_RATE_LIMITED = "client_rate_limited"
 RATE_LIMITED = "rate_limited"
 NO_BACKEND = "no_backend"
 SYN_PROXY = "syn_proxy"  # SYNs the SYN proxy answered with a cookie itself
+CLIENT_MAX_FLOWS = "client_max_flows"
+MAX_FLOWS = "max_flows"
+BACKEND_FULL = "backend_full"
 _COUNTER_PREFIX = {
     NOT_ALLOWED: "deny",
     CLIENT_RATE_LIMITED: "crate",
     RATE_LIMITED: "rate",
     SYN_PROXY: "synp",
+    CLIENT_MAX_FLOWS: "cflows",
+    MAX_FLOWS: "flows",
+    BACKEND_FULL: "bfull",
 }
 
 # A TCP packet with SYN and without ACK: a client's first (or retransmitted) handshake packet.
@@ -88,6 +94,10 @@ class GuardNames:
     def syn_proxy_chain(self) -> str:
         return f"synp_{self.ident}"
 
+    @property
+    def client_flows(self) -> str:
+        return f"cflows_{self.ident}"
+
     def counter(self, reason: str) -> str:
         return f"{_COUNTER_PREFIX[reason]}_{self.ident}"
 
@@ -126,6 +136,12 @@ def reason_counters(service: Service) -> dict[str, str]:
         reasons.append(RATE_LIMITED)
     if service.syn_proxy:
         reasons.append(SYN_PROXY)
+    if service.limits.client_max_flows is not None:
+        reasons.append(CLIENT_MAX_FLOWS)
+    if service.limits.max_flows is not None:
+        reasons.append(MAX_FLOWS)
+    if any(b.max_connections is not None for b in service.backends):
+        reasons.append(BACKEND_FULL)
     return {reason: names.counter(reason) for reason in reasons}
 
 
@@ -198,6 +214,21 @@ def render_guard(service: Service) -> Guard:
         new_flow_rules.append(
             f'{_over(limits.new_flow_rate)} counter name "{names.counter(RATE_LIMITED)}" {refuse}'
         )
+    # Concurrent flows: nft's `ct count` (nf_conncount) keeps the conntrack
+    # entries that passed the rule and forgets those conntrack no longer holds.
+    if limits.client_max_flows is not None:
+        sets.append(
+            (Set(names.client_flows, addr_type, typeof=False, flags=("dynamic",),
+                 size=CLIENT_BUCKETS), ())
+        )  # fmt: skip
+        new_flow_rules.append(
+            f"add @{names.client_flows} {{ {ip} saddr ct count over {limits.client_max_flows} }} "
+            f'counter name "{names.counter(CLIENT_MAX_FLOWS)}" {refuse}'
+        )
+    if limits.max_flows is not None:
+        new_flow_rules.append(
+            f'ct count over {limits.max_flows} counter name "{names.counter(MAX_FLOWS)}" {refuse}'
+        )
     return Guard(
         sets=tuple(sets),
         counters=tuple(counters),
@@ -252,6 +283,22 @@ def render_syn_proxy(service: Service, guard: Guard, service_chain: str) -> SynP
         filter_rule=f"{match} goto {names.syn_proxy_chain}",
         output_rule=f"{match} goto {service_chain}",
     )
+
+
+def backend_limit_rules(service: Service, ids: dict[str, int], mark: str) -> list[str]:
+    """nat: refuse a new flow whose backend (its id in `mark`) holds max_connections.
+
+    `ids` maps backend keys to the ids the driver gave them. One rule per
+    limited backend: nf_conncount counts per rule.
+    """
+    names = GuardNames.of(service.name)
+    refuse = f"goto {names.refuse_chain}" if service.clients.refuse is Refusal.REJECT else "drop"
+    return [
+        f"{mark} {ids[b.key]} ct count over {b.max_connections} "
+        f'counter name "{names.counter(BACKEND_FULL)}" {refuse}'
+        for b in service.backends
+        if b.max_connections is not None and b.key in ids
+    ]
 
 
 def _over(rate: int) -> str:
