@@ -5,17 +5,23 @@ from __future__ import annotations
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
 
+from passlb.dataplane.nft.conntrack import FakeConntrack
+from passlb.dataplane.nft.dsr import DsrDriver
+from passlb.dataplane.nft.fake import FakeNft
 from passlb.dataplane.nft.guard import (
     CLIENT_RATE_LIMITED,
     NOT_ALLOWED,
     RATE_LIMITED,
+    SYN_ONLY,
     collapse,
     element_text,
     reason_counters,
     render_guard,
 )
+from passlb.dataplane.nft.nat import NatDriver
 from passlb.dataplane.nft.objects import Chain, Table
 from passlb.dataplane.nft.ruleset import Ruleset
+from passlb.dataplane.nft.testing import desired, ports, service
 from passlb.dataplane.nft.tracer import Buckets, Packet, Trace, trace
 from passlb.model import (
     Backend,
@@ -30,7 +36,7 @@ from passlb.model import (
 )
 
 
-def service(vip: str = "198.18.0.10", **changes: object) -> Service:
+def guarded(vip: str = "198.18.0.10", **changes: object) -> Service:
     svc = Service(
         name="web",
         vip=ip_address(vip),
@@ -67,13 +73,13 @@ def packets(rs: Ruleset, counter: str) -> int:
 
 
 def test_no_rules_and_no_objects_without_protection() -> None:
-    guard = render_guard(service())
+    guard = render_guard(guarded())
     assert (guard.sets, guard.counters, guard.client_rules, guard.new_flow_rules) == ((),) * 4
-    assert reason_counters(service()) == {}
+    assert reason_counters(guarded()) == {}
 
 
 def test_allow_list_admits_its_clients_and_drops_the_rest_counted() -> None:
-    svc = service(clients=ClientRules(allow=(ip_network("198.18.1.0/24"),)))
+    svc = guarded(clients=ClientRules(allow=(ip_network("198.18.1.0/24"),)))
     rs = table_of(svc)
     counter = reason_counters(svc)[NOT_ALLOWED]
     assert send(rs, "198.18.1.7").verdict == "accept"
@@ -83,7 +89,7 @@ def test_allow_list_admits_its_clients_and_drops_the_rest_counted() -> None:
 
 
 def test_deny_wins_over_allow() -> None:
-    svc = service(
+    svc = guarded(
         clients=ClientRules(
             allow=(ip_network("198.18.0.0/15"),), deny=(ip_network("198.18.1.128/25"),)
         )
@@ -95,7 +101,7 @@ def test_deny_wins_over_allow() -> None:
 
 
 def test_reject_resets_tcp_and_answers_udp_with_admin_prohibited() -> None:
-    svc = service(clients=ClientRules(deny=(ip_network("198.18.1.0/24"),), refuse=Refusal.REJECT))
+    svc = guarded(clients=ClientRules(deny=(ip_network("198.18.1.0/24"),), refuse=Refusal.REJECT))
     rs = table_of(svc)
     tcp, udp = send(rs, "198.18.1.1"), send(rs, "198.18.1.1", "udp")
     assert (tcp.verdict, tcp.reject_with) == ("reject", "tcp reset")
@@ -105,7 +111,7 @@ def test_reject_resets_tcp_and_answers_udp_with_admin_prohibited() -> None:
 
 
 def test_ipv6_lists_match_ipv6_clients() -> None:
-    svc = service("2001:2::10", clients=ClientRules(allow=(ip_network("2001:2:0:1::/64"),)))
+    svc = guarded("2001:2::10", clients=ClientRules(allow=(ip_network("2001:2:0:1::/64"),)))
     rs = table_of(svc)
     assert send(rs, "2001:2:0:1::5").verdict == "accept"
     assert send(rs, "2001:2:0:2::5").verdict == "drop"
@@ -120,7 +126,7 @@ def test_overlapping_cidrs_collapse_as_an_interval_set_needs() -> None:
 
 
 def test_client_rate_limits_that_client_only() -> None:
-    svc = service(limits=Limits(client_new_flow_rate=3))
+    svc = guarded(limits=Limits(client_new_flow_rate=3))
     rs = table_of(svc)
     buckets: Buckets = {}
     noisy = [send(rs, "198.18.1.1", buckets=buckets).verdict for _ in range(5)]
@@ -130,10 +136,90 @@ def test_client_rate_limits_that_client_only() -> None:
 
 
 def test_service_rate_limits_every_client_together() -> None:
-    svc = service(limits=Limits(new_flow_rate=2), clients=ClientRules(refuse=Refusal.REJECT))
+    svc = guarded(limits=Limits(new_flow_rate=2), clients=ClientRules(refuse=Refusal.REJECT))
     rs = table_of(svc)
     buckets: Buckets = {}
     verdicts = [send(rs, f"198.18.1.{n}", buckets=buckets).verdict for n in range(1, 5)]
     assert verdicts == ["accept", "accept", "reject", "reject"]
     assert reason_counters(svc) == {RATE_LIMITED: "rate_web"}
     assert packets(rs, "rate_web") == 2
+
+
+# -- in the drivers' tables ----------------------------------------------------------
+
+
+def dsr_table(svc: Service) -> tuple[FakeNft, DsrDriver]:
+    fake = FakeNft()
+    drv = DsrDriver(["eth0"], fake, table="passlb_t")
+    drv.sync(desired(svc))
+    return fake, drv
+
+
+def dsr_send(fake: FakeNft, drv: DsrDriver, pkt: Packet) -> Trace:
+    return trace(fake.ruleset(drv.table), pkt, "ingress_eth0")
+
+
+def flow_expiry(fake: FakeNft, drv: DsrDriver, sport: int) -> float | None:
+    flows = fake.ruleset(drv.table).elements["flows_web_tcp"]
+    return flows[("198.18.1.10", str(sport), "443")].expires
+
+
+def test_dsr_keeps_a_lone_syn_briefly_and_extends_the_flow_after_the_handshake() -> None:
+    svc = service("web", "198.18.0.10", ["198.18.2.11", "198.18.2.12"])
+    svc = replace(svc, conntrack=replace(svc.conntrack, tcp_timeout=300, syn_timeout=3))
+    fake, drv = dsr_table(svc)
+    syn = Packet("198.18.1.10", "198.18.0.10", "tcp", 40000, 443, tcp_flags=frozenset({"syn"}))
+    assert dsr_send(fake, drv, syn).verdict == "fwd"
+    assert flow_expiry(fake, drv, 40000) == 3
+    assert dsr_send(fake, drv, syn).verdict == "fwd"  # a retransmitted SYN stays brief
+    assert flow_expiry(fake, drv, 40000) == 3
+    ack = replace(syn, tcp_flags=frozenset({"ack"}))
+    assert dsr_send(fake, drv, ack).verdict == "fwd"
+    assert flow_expiry(fake, drv, 40000) == 300
+    # A lone packet of any kind (a spoofed ACK) is recorded briefly too.
+    assert dsr_send(fake, drv, replace(ack, sport=40001)).verdict == "fwd"
+    assert flow_expiry(fake, drv, 40001) == 3
+
+
+def test_dsr_without_syn_protection_records_every_flow_for_tcp_timeout() -> None:
+    svc = service("web", "198.18.0.10", ["198.18.2.11"])
+    svc = replace(svc, conntrack=replace(svc.conntrack, tcp_timeout=300, syn_timeout=300))
+    fake, drv = dsr_table(svc)
+    syn = Packet("198.18.1.10", "198.18.0.10", "tcp", 40000, 443, tcp_flags=frozenset({"syn"}))
+    assert dsr_send(fake, drv, syn).verdict == "fwd"
+    assert flow_expiry(fake, drv, 40000) == 300
+
+
+def test_dsr_refuses_a_newly_denied_client_even_on_its_recorded_flow() -> None:
+    svc = service("web", "198.18.0.10", ["198.18.2.11"])
+    fake, drv = dsr_table(svc)
+    pkt = Packet("198.18.1.10", "198.18.0.10", "tcp", 40000, 443)
+    assert dsr_send(fake, drv, pkt).verdict == "fwd"
+    denied = replace(svc, clients=ClientRules(deny=(ip_network("198.18.1.0/24"),)))
+    drv.sync(desired(denied))
+    assert dsr_send(fake, drv, pkt).verdict == "drop"
+    assert drv.counters()["web"].drops == {"no_backend": 0, "not_allowed": 1}
+
+
+def test_nat_syn_proxy_hooks_take_the_services_tcp_ports_only() -> None:
+    svc = replace(
+        service("web", "198.18.0.10", ["198.18.2.11"], port_set=ports(80, (8000, 8010))),
+        mode=Mode.NAT,
+        syn_proxy=True,
+        clients=ClientRules(deny=(ip_network("198.18.66.0/24"),)),
+    )
+    fake, conntrack = FakeNft(), FakeConntrack()
+    drv = NatDriver(fake, conntrack, table="nat_t")
+    drv.sync(desired(svc))
+    rs = fake.ruleset(drv.table)
+    match = "ip daddr 198.18.0.10 meta l4proto tcp tcp dport { 80, 8000-8010 }"
+    assert [r.rule for r in rs.rules["synproxy_raw"]] == [f"{match} {SYN_ONLY} notrack"]
+    assert [r.rule for r in rs.rules["synproxy_forward"]] == [f"{match} goto synp_web"]
+    assert [r.rule for r in rs.rules["output"]] == [f"{match} goto svc_web"]
+    synp = [r.rule for r in rs.rules["synp_web"]]
+    assert synp[0].startswith("ip saddr @denied_web")  # refused before the proxy answers
+    assert any("synproxy" in rule for rule in synp[1:])
+    assert not conntrack.loose
+    # Without a SYN proxy the hooks go (one transaction) and conntrack is left as it was.
+    drv.sync(desired(replace(svc, syn_proxy=False)))
+    assert "synproxy_raw" not in fake.ruleset(drv.table).chains

@@ -39,6 +39,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from passlb.dataplane.base import Flow
 from passlb.dataplane.nft.driver import NftDriver, RingCache, SyncPlan, was_cut
+from passlb.dataplane.nft.guard import SYN_ONLY, Guard, add_guard, render_guard
 from passlb.dataplane.nft.ids import Owner, owner_comment
 from passlb.dataplane.nft.names import ServiceNames, ident
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
@@ -93,27 +94,37 @@ def _backend_rules(bid: int, address: IPAddress) -> tuple[str, ...]:
     return (f'counter name "pkts_{bid}" fwd {_ip(address.version)} to {address} device iif',)
 
 
-def _service_rules(sd: ServiceDesired, names: ServiceNames) -> list[str]:
+def _service_rules(sd: ServiceDesired, names: ServiceNames, guard: Guard) -> list[str]:
     svc = sd.service
     family = _family(svc.vip)
     key = flow_key_expr(family, sd.seed)
     forward = f"meta mark vmap @backends{family}"
-    timeouts = {"tcp": svc.conntrack.tcp_timeout, "udp": svc.conntrack.udp_timeout}
-    rules = []
+    ct = svc.conntrack
+    timeouts = {"tcp": ct.tcp_timeout, "udp": ct.udp_timeout}
+    # SYN protection: a TCP flow is recorded for syn_timeout when it starts and
+    # extended to tcp_timeout by its next packet that is not a SYN, so a flood of
+    # lone SYNs (or lone packets of any kind) from spoofed sources expires fast.
+    syn_guard = _seconds(ct.syn_timeout) != _seconds(ct.tcp_timeout)
+
+    def update(transport: str, timeout: float) -> str:
+        return (
+            f"update @{names.flows(transport)} {{ {key} timeout {_seconds(timeout)} : meta mark }}"
+        )
+
+    rules = list(guard.client_rules)
     for transport in svc.protocol.transports:
-        flows = names.flows(transport)
-        update = f"update @{flows} {{ {key} timeout {_seconds(timeouts[transport])} : meta mark }}"
+        lookup = f"meta mark set {key} map @{names.flows(transport)}"
+        if transport == "tcp" and syn_guard:
+            rules.append(f"{SYN_ONLY} {lookup} {update('tcp', ct.syn_timeout)} {forward}")
         rules.append(
-            f"meta l4proto {transport} meta mark set {key} map @{flows} {update} {forward}"
+            f"meta l4proto {transport} {lookup} {update(transport, timeouts[transport])} {forward}"
         )
     if sd.ring is not None:
+        rules.extend(guard.new_flow_rules)
         rules.append(f"meta mark set {_ring_key_expr(sd)} seed {sd.seed:#x} map @{names.ring}")
         for transport in svc.protocol.transports:
-            flows = names.flows(transport)
-            rules.append(
-                f"meta l4proto {transport} update @{flows} "
-                f"{{ {key} timeout {_seconds(timeouts[transport])} : meta mark }}"
-            )
+            first = ct.syn_timeout if transport == "tcp" and syn_guard else timeouts[transport]
+            rules.append(f"meta l4proto {transport} {update(transport, first)}")
         rules.append(f"counter name meta mark map @newflows {forward}")
     rules.append(f'counter name "{names.drop_counter}" drop')
     return rules
@@ -147,8 +158,10 @@ def render(
         svc = sd.service
         names = ServiceNames.of(svc.name)
         family = _family(svc.vip)
-        rs.add_chain(Chain(names.chain), _service_rules(sd, names))
+        guard = render_guard(svc)
+        rs.add_chain(Chain(names.chain), _service_rules(sd, names, guard))
         rs.add_counter(Counter(names.drop_counter, comment=svc.name))
+        add_guard(rs, guard)
         for transport in svc.protocol.transports:
             for dispatch, port in _dispatch_keys(svc.ports, family):
                 key = (str(svc.vip), transport, port)

@@ -40,6 +40,14 @@ from passlb.dataplane.nft.conntrack import (
     NetlinkConntrack,
 )
 from passlb.dataplane.nft.driver import NftDriver, RingCache, SyncPlan, was_cut
+from passlb.dataplane.nft.guard import (
+    Guard,
+    SynProxy,
+    add_guard,
+    backend_limit_rules,
+    render_guard,
+    render_syn_proxy,
+)
 from passlb.dataplane.nft.ids import Owner, owner_comment
 from passlb.dataplane.nft.names import ServiceNames
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
@@ -55,6 +63,7 @@ DEFAULT_TABLE = "passlb_nat"
 DSTNAT_PRIORITY = -100  # nft's "dstnat": after conntrack (-200), before routing
 SRCNAT_PRIORITY = 100  # nft's "srcnat"
 FORWARD_PRIORITY = 0
+RAW_PRIORITY = -300  # nft's "raw": before conntrack (-200)
 
 _TARGET_MAPS = ("backends4", "backends6", "endpoints4", "endpoints6")
 
@@ -93,17 +102,24 @@ def _ring_key_expr(sd: ServiceDesired) -> str:
     return f"jhash {fields} mod {sd.service.ring_size}"
 
 
-def _service_rules(sd: ServiceDesired, names: ServiceNames) -> list[str]:
-    rules = []
+def _service_rules(
+    sd: ServiceDesired, names: ServiceNames, guard: Guard, ids: dict[str, int]
+) -> list[str]:
+    # This chain sees the first packet of each flow only: the guard decides per flow.
+    rules = list(guard.client_rules)
     if sd.ring is not None:
+        rules.extend(guard.new_flow_rules)
         ip = _ip(sd.service.vip.version)
+        pick = f"ct mark set {_ring_key_expr(sd)} seed {sd.seed:#x} map @{names.ring}"
         # The l4proto match lets nft accept a port in the dnat map value; the
         # dispatch map already admitted only this service's transports.
-        rules.append(
-            f"meta l4proto {{ tcp, udp }} ct mark set {_ring_key_expr(sd)} seed {sd.seed:#x} "
-            f"map @{names.ring} counter name ct mark map @newflows "
-            f"dnat {ip} to ct mark map @{_targets(sd)}"
-        )
+        head = "meta l4proto { tcp, udp }"
+        tail = f"counter name ct mark map @newflows dnat {ip} to ct mark map @{_targets(sd)}"
+        limited = backend_limit_rules(sd.service, ids, "ct mark")
+        if limited:  # the backend must be known before its count is checked
+            rules += [pick, *limited, f"{head} {tail}"]
+        else:
+            rules.append(f"{head} {pick} {tail}")
     rules.append(f'counter name "{names.drop_counter}" drop')
     return rules
 
@@ -122,14 +138,20 @@ def render(
     targets: dict[str, list[Element]] = {name: [] for name in _TARGET_MAPS}
     dispatch: dict[int, list[Element]] = {4: [], 6: []}
     snat_ids: list[Element] = []
+    syn_proxies: list[SynProxy] = []
     pkts: list[Element] = []
     new: list[Element] = []
     for sd in desired.services:
         svc = sd.service
         family = svc.vip.version
         names = ServiceNames.of(svc.name)
-        rs.add_chain(Chain(names.chain), _service_rules(sd, names))
+        guard = render_guard(svc)
+        own_ids = {b.key: ids[(svc.name, b.key)] for b in sd.backends}
+        rs.add_chain(Chain(names.chain), _service_rules(sd, names, guard, own_ids))
         rs.add_counter(Counter(names.drop_counter, comment=svc.name))
+        add_guard(rs, guard)
+        if svc.syn_proxy:
+            syn_proxies.append(render_syn_proxy(svc, guard, names.chain))
         vips[family].add(str(svc.vip))
         for transport in svc.protocol.transports:
             for port in _port_keys(svc.ports):
@@ -215,7 +237,25 @@ def render(
         Chain("forward", type="filter", hook="forward", priority=FORWARD_PRIORITY, policy="accept"),
         ["ct direction original counter name ct mark map @pkts"],
     )
+    if syn_proxies:
+        _add_syn_proxy_hooks(rs, syn_proxies)
     return rs
+
+
+def _add_syn_proxy_hooks(rs: Ruleset, proxies: list[SynProxy]) -> None:
+    """The base chains the SYN proxies need (guard.SynProxy says why each)."""
+    for proxy in proxies:
+        rs.add_chain(proxy.chain[0], list(proxy.chain[1]))
+    raw = [p.raw_rule for p in proxies]
+    synproxy = [p.filter_rule for p in proxies]
+    hooks = (
+        ("synproxy_raw", "filter", "prerouting", RAW_PRIORITY, raw),
+        ("synproxy_forward", "filter", "forward", FORWARD_PRIORITY, synproxy),
+        ("synproxy_input", "filter", "input", FORWARD_PRIORITY, synproxy),
+        ("output", "nat", "output", DSTNAT_PRIORITY, [p.output_rule for p in proxies]),
+    )
+    for name, kind, hook, priority, rules in hooks:
+        rs.add_chain(Chain(name, type=kind, hook=hook, priority=priority, policy="accept"), rules)
 
 
 # -- conntrack cuts (pure planning) -----------------------------------------------
@@ -317,6 +357,8 @@ class NatDriver(NftDriver):
             self._desired, plan.desired, self.ids.ids, plan.released, rings_before, plan.full
         )
         try:
+            if any(sd.service.syn_proxy for sd in plan.desired.services):
+                self.conntrack.require_handshakes()  # before the SYN proxy takes a flow
             self.nft.apply(plan.tx)
         except DataplaneError:
             self._pending = cuts
