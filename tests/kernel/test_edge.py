@@ -385,3 +385,17 @@ def test_a_restarted_driver_adopts_the_guard_without_rewriting_its_sets(
     assert errors(lab.call(c1.ns, tcp_requests, lab.vip4, ECHO, 3)) == []
     refused = lab.call(c2.ns, tcp_requests, lab.vip4, ECHO, 1)
     assert [e.split(":")[0] for e in errors(refused)] == ["ConnectionRefusedError"]
+
+
+def test_dsr_a_full_flow_table_forwards_and_counts_what_it_cannot_record(
+    dsr_lab: Lab, dsr: DsrDriver
+) -> None:
+    lab = dsr_lab
+    svc = guarded(lab, Mode.DSR, 4)
+    svc = replace(svc, protocol=Protocol.UDP, conntrack=replace(svc.conntrack, flow_table_size=4))
+    dsr.sync(desired(svc))
+    # Six datagrams from six ports: six new flows, room for four.
+    assert errors(lab.call(lab.clients[0].ns, udp_requests, lab.vip4, ECHO, 6)) == []
+    assert drops(dsr, svc.name) == {"flow_table_full": 2}
+    assert len(dsr.flows(svc.name)) == 4
+    assert new_flows(dsr, svc.name) == 6

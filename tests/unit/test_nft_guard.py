@@ -10,6 +10,7 @@ from passlb.dataplane.nft.dsr import DsrDriver
 from passlb.dataplane.nft.fake import FakeNft
 from passlb.dataplane.nft.guard import (
     CLIENT_RATE_LIMITED,
+    FLOW_TABLE_FULL,
     NOT_ALLOWED,
     RATE_LIMITED,
     SYN_ONLY,
@@ -73,9 +74,11 @@ def packets(rs: Ruleset, counter: str) -> int:
 
 
 def test_no_rules_and_no_objects_without_protection() -> None:
-    guard = render_guard(guarded())
+    guard = render_guard(guarded(mode=Mode.NAT))
     assert (guard.sets, guard.counters, guard.client_rules, guard.new_flow_rules) == ((),) * 4
-    assert reason_counters(guarded()) == {}
+    assert reason_counters(guarded(mode=Mode.NAT)) == {}
+    # dsr counts the new flows its full flow table could not record, always.
+    assert reason_counters(guarded()) == {FLOW_TABLE_FULL: "full_web"}
 
 
 def test_allow_list_admits_its_clients_and_drops_the_rest_counted() -> None:
@@ -141,7 +144,7 @@ def test_service_rate_limits_every_client_together() -> None:
     buckets: Buckets = {}
     verdicts = [send(rs, f"198.18.1.{n}", buckets=buckets).verdict for n in range(1, 5)]
     assert verdicts == ["accept", "accept", "reject", "reject"]
-    assert reason_counters(svc) == {RATE_LIMITED: "rate_web"}
+    assert reason_counters(svc) == {RATE_LIMITED: "rate_web", FLOW_TABLE_FULL: "full_web"}
     assert packets(rs, "rate_web") == 2
 
 
@@ -198,7 +201,11 @@ def test_dsr_refuses_a_newly_denied_client_even_on_its_recorded_flow() -> None:
     denied = replace(svc, clients=ClientRules(deny=(ip_network("198.18.1.0/24"),)))
     drv.sync(desired(denied))
     assert dsr_send(fake, drv, pkt).verdict == "drop"
-    assert drv.counters()["web"].drops == {"no_backend": 0, "not_allowed": 1}
+    assert drv.counters()["web"].drops == {
+        "no_backend": 0,
+        "not_allowed": 1,
+        "flow_table_full": 0,
+    }
 
 
 def test_nat_syn_proxy_hooks_take_the_services_tcp_ports_only() -> None:
@@ -223,3 +230,14 @@ def test_nat_syn_proxy_hooks_take_the_services_tcp_ports_only() -> None:
     # Without a SYN proxy the hooks go (one transaction) and conntrack is left as it was.
     drv.sync(desired(replace(svc, syn_proxy=False)))
     assert "synproxy_raw" not in fake.ruleset(drv.table).chains
+
+
+def test_dsr_forwards_new_flows_a_full_flow_table_cannot_record_and_counts_them() -> None:
+    svc = replace(service("web", "198.18.0.10", ["198.18.2.11"], flow_table_size=2))
+    fake, drv = dsr_table(svc)
+    sent = [Packet("198.18.1.10", "198.18.0.10", "tcp", 40000 + n, 443) for n in range(5)]
+    assert [dsr_send(fake, drv, pkt).verdict for pkt in sent] == ["fwd"] * 5
+    assert len(fake.ruleset(drv.table).elements["flows_web_tcp"]) == 2
+    counters = drv.counters()["web"]
+    assert counters.drops["flow_table_full"] == 3
+    assert counters.total.new_flows == 5

@@ -39,7 +39,14 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from passlb.dataplane.base import Flow
 from passlb.dataplane.nft.driver import NftDriver, RingCache, SyncPlan, was_cut
-from passlb.dataplane.nft.guard import SYN_ONLY, Guard, add_guard, render_guard
+from passlb.dataplane.nft.guard import (
+    FLOW_TABLE_FULL,
+    SYN_ONLY,
+    Guard,
+    GuardNames,
+    add_guard,
+    render_guard,
+)
 from passlb.dataplane.nft.ids import Owner, owner_comment
 from passlb.dataplane.nft.names import ServiceNames, ident
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set, Table
@@ -122,10 +129,13 @@ def _service_rules(sd: ServiceDesired, names: ServiceNames, guard: Guard) -> lis
     if sd.ring is not None:
         rules.extend(guard.new_flow_rules)
         rules.append(f"meta mark set {_ring_key_expr(sd)} seed {sd.seed:#x} map @{names.ring}")
+        count = "counter name meta mark map @newflows"
         for transport in svc.protocol.transports:
             first = ct.syn_timeout if transport == "tcp" and syn_guard else timeouts[transport]
-            rules.append(f"meta l4proto {transport} {update(transport, first)}")
-        rules.append(f"counter name meta mark map @newflows {forward}")
+            rules.append(f"meta l4proto {transport} {update(transport, first)} {count} {forward}")
+        # Only when the record failed (a full flow table): forwarded, not recorded.
+        full = GuardNames.of(svc.name).counter(FLOW_TABLE_FULL)
+        rules.append(f'counter name "{full}" {count} {forward}')
     rules.append(f'counter name "{names.drop_counter}" drop')
     return rules
 

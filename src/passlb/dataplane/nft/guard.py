@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from passlb.dataplane.nft.names import ident
 from passlb.dataplane.nft.objects import Chain, Counter, Element, Set
 from passlb.dataplane.nft.ruleset import Ruleset
-from passlb.model import IPNetwork, Refusal, Service
+from passlb.model import IPNetwork, Mode, Refusal, Service
 
 # Drop reasons of the kernel modes, as status and metrics name them; the counter
 # prefix keeps each counter name within nft's 63 characters.
@@ -41,6 +41,7 @@ SYN_PROXY = "syn_proxy"  # SYNs the SYN proxy answered with a cookie itself
 CLIENT_MAX_FLOWS = "client_max_flows"
 MAX_FLOWS = "max_flows"
 BACKEND_FULL = "backend_full"
+FLOW_TABLE_FULL = "flow_table_full"  # dsr: forwarded by the ring but not recorded
 _COUNTER_PREFIX = {
     NOT_ALLOWED: "deny",
     CLIENT_RATE_LIMITED: "crate",
@@ -49,6 +50,7 @@ _COUNTER_PREFIX = {
     CLIENT_MAX_FLOWS: "cflows",
     MAX_FLOWS: "flows",
     BACKEND_FULL: "bfull",
+    FLOW_TABLE_FULL: "full",
 }
 
 # A TCP packet with SYN and without ACK: a client's first (or retransmitted) handshake packet.
@@ -142,6 +144,8 @@ def reason_counters(service: Service) -> dict[str, str]:
         reasons.append(MAX_FLOWS)
     if any(b.max_connections is not None for b in service.backends):
         reasons.append(BACKEND_FULL)
+    if service.mode is Mode.DSR:
+        reasons.append(FLOW_TABLE_FULL)
     return {reason: names.counter(reason) for reason in reasons}
 
 
