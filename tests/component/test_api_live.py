@@ -258,4 +258,8 @@ def test_refused_clients_are_counted_by_reason_in_status_metrics_and_cli(
     assert new_flows() == flows_before
     samples = metrics(daemon)["passlb_service_drops_total"]
     assert ({"service": "web", "reason": "not_allowed"}, after["not_allowed"]) in samples
-    assert f"dropped: not_allowed {after['not_allowed']}" in cli(daemon, "status")
+    shown = cli(daemon, "status")
+    assert f"dropped: not_allowed {after['not_allowed']}" in shown
+    assert "protection: deny 1 CIDRs, refuse drop" in shown
+    protection = daemon.status()["services"][0]["protection"]
+    assert protection["deny_clients"] == [f"{daemon.denied_client}/32"]

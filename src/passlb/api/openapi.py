@@ -137,7 +137,8 @@ _SCHEMAS: dict[str, Any] = {
             "protection": {
                 "type": "object",
                 "description": "edge protection as configured: allow_clients, deny_clients,"
-                " refuse, client_new_flow_rate, new_flow_rate, syn_proxy, syn_timeout (dsr)",
+                " refuse, client_new_flow_rate, new_flow_rate, client_max_flows, max_flows,"
+                " syn_proxy, syn_timeout (dsr)",
             },
             "active_flows": {"type": "integer"},
             "reported_weights": {

@@ -260,6 +260,8 @@ def _protection(svc: Service) -> dict[str, Any]:
         "refuse": svc.clients.refuse.value,
         "client_new_flow_rate": limits.client_new_flow_rate,
         "new_flow_rate": limits.new_flow_rate,
+        "client_max_flows": limits.client_max_flows,
+        "max_flows": limits.max_flows,
         "syn_proxy": svc.syn_proxy,
         "syn_timeout": svc.conntrack.syn_timeout if svc.mode is Mode.DSR else None,
     }
@@ -413,6 +415,10 @@ def _protection_line(p: dict[str, Any]) -> str:
         parts.append(f"{p['client_new_flow_rate']} new flows/s per client")
     if p.get("new_flow_rate"):
         parts.append(f"{p['new_flow_rate']} new flows/s")
+    if p.get("client_max_flows"):
+        parts.append(f"{p['client_max_flows']} flows per client")
+    if p.get("max_flows"):
+        parts.append(f"{p['max_flows']} flows")
     if p.get("syn_proxy"):
         parts.append("SYN proxy")
     return ", ".join(parts)
