@@ -173,20 +173,36 @@ def test_a_list_change_under_traffic_keeps_allowed_flows(
     assert result["errors"] == [] and result["received"] > 100_000
 
 
+@pytest.mark.parametrize("mode", [Mode.DSR, Mode.NAT])
 def test_a_client_over_its_new_flow_rate_is_limited_and_others_are_not(
-    dsr_lab: Lab, dsr: DsrDriver
+    request: pytest.FixtureRequest, mode: Mode
 ) -> None:
+    lab: Lab = request.getfixturevalue("dsr_lab" if mode is Mode.DSR else "nat_lab")
+    driver: Driver = request.getfixturevalue(mode.value)
+    rules = ClientRules(refuse=Refusal.REJECT)
+    svc = guarded(lab, mode, 4, clients=rules, limits=Limits(client_new_flow_rate=5))
+    driver.sync(desired(svc))
+    # 60 connections as fast as one client opens them: its bucket holds 5 and
+    # refills at 5/s, so all of them would pass only if opening took 11 s. TCP:
+    # a reset is never rate-limited, as the kernel's ICMP errors are.
+    noisy = lab.call(lab.clients[0].ns, tcp_requests, lab.vip4, ECHO, 60, 1.0)
+    refused = [e for e in errors(noisy) if e.startswith("ConnectionRefusedError")]
+    assert len(refused) >= 30 and len(errors(noisy)) == len(refused)
+    assert errors(lab.call(lab.clients[1].ns, tcp_requests, lab.vip4, ECHO, 3)) == []
+    assert drops(driver, svc.name) == {"client_rate_limited": len(refused)}
+
+
+def test_a_service_over_its_new_flow_rate_limits_every_client(dsr_lab: Lab, dsr: DsrDriver) -> None:
     lab = dsr_lab
     rules = ClientRules(refuse=Refusal.REJECT)
-    svc = guarded(lab, Mode.DSR, 4, clients=rules, limits=Limits(client_new_flow_rate=5))
+    svc = guarded(lab, Mode.DSR, 6, clients=rules, limits=Limits(new_flow_rate=5))
     dsr.sync(desired(svc))
-    # 60 new flows as fast as one client can send them: its bucket holds 5 and
-    # refills at 5/s, so all of them would pass only if sending took 11 s.
-    noisy = lab.call(lab.clients[0].ns, udp_requests, lab.vip4, ECHO, 60, 1.0)
-    refused = [e for e in errors(noisy) if e.startswith("OSError")]
-    assert len(refused) >= 30 and len(errors(noisy)) == len(refused)
-    assert errors(lab.call(lab.clients[1].ns, udp_requests, lab.vip4, ECHO, 3)) == []
-    assert drops(dsr, svc.name) == {"client_rate_limited": len(refused)}
+    both = [lab.call(c.ns, tcp_requests, lab.vip6, ECHO, 30, 1.0) for c in lab.clients]
+    refused = [e for replies in both for e in errors(replies)]
+    assert all(e.startswith("ConnectionRefusedError") for e in refused)
+    # Both clients share one bucket of 5, refilled at 5/s: 60 pass only in 11 s.
+    assert len(refused) >= 30
+    assert drops(dsr, svc.name) == {"rate_limited": len(refused)}
 
 
 def flow_table(svc: Service, *, size: int, syn_timeout: float) -> Service:

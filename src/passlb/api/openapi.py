@@ -138,7 +138,7 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "description": "edge protection as configured: allow_clients, deny_clients,"
                 " refuse, client_new_flow_rate, new_flow_rate, client_max_flows, max_flows,"
-                " syn_proxy, syn_timeout (dsr)",
+                " syn_proxy, syn_timeout (dsr), and summary (the same in words)",
             },
             "active_flows": {"type": "integer"},
             "reported_weights": {

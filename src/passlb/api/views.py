@@ -254,7 +254,7 @@ def _flow_count(snap: StatusSnapshot) -> dict[str, Any] | None:
 def _protection(svc: Service) -> dict[str, Any]:
     """The service's edge protection as configured (docs/protecting.md)."""
     limits = svc.limits
-    return {
+    fields: dict[str, Any] = {
         "allow_clients": [str(n) for n in svc.clients.allow],
         "deny_clients": [str(n) for n in svc.clients.deny],
         "refuse": svc.clients.refuse.value,
@@ -265,6 +265,7 @@ def _protection(svc: Service) -> dict[str, Any]:
         "syn_proxy": svc.syn_proxy,
         "syn_timeout": svc.conntrack.syn_timeout if svc.mode is Mode.DSR else None,
     }
+    return {**fields, "summary": _protection_line(fields)}
 
 
 async def read_counters(
@@ -380,7 +381,7 @@ def format_status(doc: dict[str, Any]) -> str:
                 f"{human_rate(rates.get('packets', 0.0)):>7} "
                 f"{human_rate(rates.get('bytes', 0.0)):>7}{extra}"
             )
-        guard = _protection_line(svc.get("protection", {}))
+        guard = svc.get("protection", {}).get("summary")
         if guard:
             lines.append(f"  protection: {guard}")
         drops = {reason: n for reason, n in svc.get("drops", {}).items() if n}

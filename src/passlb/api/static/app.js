@@ -260,6 +260,7 @@ function renderServices(doc) {
     if (svc.reported_weights && svc.reported_weights !== "none") {
       notes.push("reported weights " + svc.reported_weights + ": " + svc.reported_weights_note);
     }
+    if (svc.protection && svc.protection.summary) notes.push("protection: " + svc.protection.summary);
     const drops = Object.entries(svc.drops || {}).filter(([, n]) => n > 0);
     if (drops.length) notes.push("dropped: " + drops.map(([r, n]) => r + " " + n).join(", "));
     if (svc.mode === "dsr") {
