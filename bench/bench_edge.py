@@ -30,7 +30,6 @@ import os
 import platform
 import statistics
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
@@ -49,8 +48,7 @@ from passlb.dataplane.nft.nat import NatDriver
 from passlb.dataplane.nft.runner import NftRunner
 from passlb.dataplane.nft.testing import desired, ports, service
 from passlb.lab import Lab, LabSpec
-from passlb.lab.client import tcp_flow_stream
-from passlb.lab.synflood import syn_flood
+from passlb.lab.flood_run import flood_with_clients
 from passlb.model import Backend, ClientRules, IPNetwork, Mode, Protocol, Service
 
 LIST_SIZES = (0, 10, 1_000, 100_000)
@@ -116,28 +114,13 @@ def flood_run(
     lab: Lab, driver: Driver, svc: Service, occupancy: Callable[[], int]
 ) -> dict[str, Any]:
     driver.sync(desired(svc))
-    c1, c2 = lab.clients
-    legit: dict[str, Any] = {}
-    thread = threading.Thread(
-        target=lambda: legit.update(
-            new=lab.call(c2.ns, tcp_flow_stream, lab.vip4, ECHO, 12.0, 0.02, 3.0)
-        )
-    )
-    thread.start()
-    try:
-        big = functools.partial(syn_flood, rate=FLOOD_RATE, seconds=30.0, packets=FLOOD_PACKETS)
-        flood = lab.call(c1.ns, big, lab.vip4, ECHO)
-        occupied = occupancy()
-    finally:
-        thread.join()
-    new = legit["new"]
-    ok = sum("error" not in r for r in new)
+    run = flood_with_clients(lab, ECHO, occupancy, packets=FLOOD_PACKETS, rate=FLOOD_RATE)
     return {
-        "ok": ok,
-        "total": len(new),
-        "occupied": occupied,
-        "flood_rate": flood.rate,
-        "sent": flood.sent,
+        "ok": len(run.new) - len(run.failed),
+        "total": len(run.new),
+        "occupied": run.occupied,
+        "flood_rate": run.flood.rate,
+        "sent": run.flood.sent,
     }
 
 

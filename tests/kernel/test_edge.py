@@ -25,8 +25,10 @@ from passlb.dataplane.nft.nat import NatDriver
 from passlb.dataplane.nft.runner import NftRunner
 from passlb.dataplane.nft.testing import desired, ports, service
 from passlb.lab import Lab, LabSpec
-from passlb.lab.client import tcp_flow_stream, tcp_requests, tcp_stream, udp_requests
+from passlb.lab.client import tcp_requests, tcp_stream, udp_requests
+from passlb.lab.flood_run import flood_with_clients
 from passlb.lab.synflood import syn_flood
+from passlb.lab.topology import Gateway
 from passlb.model import Backend, ClientRules, Limits, Mode, Protocol, Refusal, Service
 
 pytestmark = pytest.mark.kernel
@@ -34,37 +36,24 @@ pytestmark = pytest.mark.kernel
 ECHO, STREAM = 80, 9000
 
 
-def _build(gateway: str) -> Lab:
-    lab = Lab(LabSpec(backends=2, clients=2, backend_gateway=gateway))  # type: ignore[arg-type]
-    lab.build()
-    try:
+def _lab(gateway: Gateway) -> Iterator[Lab]:
+    with Lab(LabSpec(backends=2, clients=2, backend_gateway=gateway)) as lab:
         for b in lab.backends:
-            if gateway == "router":
+            if gateway == "router":  # dsr: backends hold the VIPs
                 for vip in (lab.vip4, lab.vip6):
                     apply_backend_setup(vip, netns=b.ns)
             lab.start_servers(b, tcp=[ECHO, STREAM], udp=[ECHO])
-    except BaseException:
-        lab.teardown()
-        raise
-    return lab
+        yield lab
 
 
 @pytest.fixture(scope="module")
 def dsr_lab() -> Iterator[Lab]:
-    lab = _build("router")
-    try:
-        yield lab
-    finally:
-        lab.teardown()
+    yield from _lab("router")
 
 
 @pytest.fixture(scope="module")
 def nat_lab() -> Iterator[Lab]:
-    lab = _build("lb")
-    try:
-        yield lab
-    finally:
-        lab.teardown()
+    yield from _lab("lb")
 
 
 @pytest.fixture
@@ -79,6 +68,13 @@ def nat(nat_lab: Lab) -> Iterator[NatDriver]:
     drv = NatDriver(NftRunner(nat_lab.lb.ns), NetlinkConntrack(nat_lab.lb.ns))
     yield drv
     drv.close(cleanup=True)
+
+
+def lab_and_driver(request: pytest.FixtureRequest, mode: Mode) -> tuple[Lab, Driver]:
+    """The mode's lab and a fresh driver of it (for tests parametrized by mode)."""
+    lab: Lab = request.getfixturevalue("dsr_lab" if mode is Mode.DSR else "nat_lab")
+    driver: Driver = request.getfixturevalue(mode.value)
+    return lab, driver
 
 
 def guarded(lab: Lab, mode: Mode, family: int, **changes: Any) -> Service:
@@ -112,8 +108,7 @@ def new_flows(driver: Driver, name: str) -> int:
 def test_allowed_clients_connect_others_are_rejected_and_counted(
     request: pytest.FixtureRequest, mode: Mode, family: int
 ) -> None:
-    lab: Lab = request.getfixturevalue("dsr_lab" if mode is Mode.DSR else "nat_lab")
-    driver: Driver = request.getfixturevalue(mode.value)
+    lab, driver = lab_and_driver(request, mode)
     rules = replace(only(lab, 0, family), refuse=Refusal.REJECT)
     svc = guarded(lab, mode, family, clients=rules)
     driver.sync(desired(svc))
@@ -137,8 +132,7 @@ def test_allowed_clients_connect_others_are_rejected_and_counted(
 def test_denied_datagrams_are_dropped_silently_and_counted(
     request: pytest.FixtureRequest, mode: Mode
 ) -> None:
-    lab: Lab = request.getfixturevalue("dsr_lab" if mode is Mode.DSR else "nat_lab")
-    driver: Driver = request.getfixturevalue(mode.value)
+    lab, driver = lab_and_driver(request, mode)
     c2 = lab.clients[1]
     svc = guarded(lab, mode, 4, clients=ClientRules(deny=(ip_network(c2.ipv4),)))
     driver.sync(desired(svc))
@@ -152,8 +146,7 @@ def test_denied_datagrams_are_dropped_silently_and_counted(
 def test_a_list_change_under_traffic_keeps_allowed_flows(
     request: pytest.FixtureRequest, mode: Mode
 ) -> None:
-    lab: Lab = request.getfixturevalue("dsr_lab" if mode is Mode.DSR else "nat_lab")
-    driver: Driver = request.getfixturevalue(mode.value)
+    lab, driver = lab_and_driver(request, mode)
     c1, c2 = lab.clients
     first = guarded(lab, mode, 4, clients=only(lab, 0, 4))
     driver.sync(desired(first))
@@ -177,8 +170,7 @@ def test_a_list_change_under_traffic_keeps_allowed_flows(
 def test_a_client_over_its_new_flow_rate_is_limited_and_others_are_not(
     request: pytest.FixtureRequest, mode: Mode
 ) -> None:
-    lab: Lab = request.getfixturevalue("dsr_lab" if mode is Mode.DSR else "nat_lab")
-    driver: Driver = request.getfixturevalue(mode.value)
+    lab, driver = lab_and_driver(request, mode)
     rules = ClientRules(refuse=Refusal.REJECT)
     svc = guarded(lab, mode, 4, clients=rules, limits=Limits(client_new_flow_rate=5))
     driver.sync(desired(svc))
@@ -242,36 +234,14 @@ def test_dsr_under_a_syn_flood_keeps_its_flow_table_and_its_flows(
     lab = dsr_lab
     svc = flow_table(guarded(lab, Mode.DSR, 4), size=131_072, syn_timeout=2)
     dsr.sync(desired(svc))
-    c1, c2 = lab.clients
-    results: dict[str, Any] = {}
-    legit = [
-        threading.Thread(
-            target=lambda: results.update(
-                stream=lab.call(c1.ns, tcp_stream, lab.vip4, STREAM, 12.0, 16384, 5.0)
-            )
-        ),
-        threading.Thread(
-            target=lambda: results.update(
-                new=lab.call(c2.ns, tcp_flow_stream, lab.vip4, ECHO, 12.0, 0.02, 3.0)
-            )
-        ),
-    ]
-    for thread in legit:
-        thread.start()
-    try:
-        big = functools.partial(syn_flood, rate=20_000, seconds=30.0, packets=200_000)
-        flood = lab.call(c1.ns, big, lab.vip4, ECHO)
-        occupied = dsr.counters()[svc.name].total.active_flows
-    finally:
-        for thread in legit:
-            thread.join()
-    assert flood.sent == 200_000
+    run = flood_with_clients(
+        lab, ECHO, lambda: dsr.counters()[svc.name].total.active_flows, stream_port=STREAM
+    )
+    assert run.flood.sent == 200_000
     # At most the last syn_timeout's SYNs (2 s x 20,000/s) and the legitimate flows.
-    assert occupied < 131_072 // 2, occupied
-    assert results["stream"]["errors"] == [] and results["stream"]["received"] > 0
-    new = results["new"]
-    failed = [r for r in new if "error" in r]
-    assert len(new) > 100 and len(failed) <= len(new) // 100, failed[:5]
+    assert run.occupied < 131_072 // 2, run.occupied
+    assert run.stream is not None and run.stream["errors"] == [] and run.stream["received"] > 0
+    assert len(run.new) > 100 and len(run.failed) <= len(run.new) // 100, run.failed[:5]
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -297,26 +267,11 @@ def test_nat_syn_proxy_under_a_syn_flood_keeps_conntrack_small(
     lab = nat_lab
     svc = replace(guarded(lab, Mode.NAT, 4), protocol=Protocol.TCP, syn_proxy=True)
     nat.sync(desired(svc))
-    c1, c2 = lab.clients
-    results: dict[str, Any] = {}
-    legit = threading.Thread(
-        target=lambda: results.update(
-            new=lab.call(c2.ns, tcp_flow_stream, lab.vip4, ECHO, 12.0, 0.02, 3.0)
-        )
-    )
-    legit.start()
-    try:
-        big = functools.partial(syn_flood, rate=20_000, seconds=30.0, packets=200_000)
-        flood = lab.call(c1.ns, big, lab.vip4, ECHO)
-        tracked = sum(nat.conntrack.count(4).values())
-    finally:
-        legit.join()
-    assert flood.sent == 200_000
-    assert tracked < 1000, tracked  # the flood's SYNs never reached conntrack
+    run = flood_with_clients(lab, ECHO, lambda: sum(nat.conntrack.count(4).values()))
+    assert run.flood.sent == 200_000
+    assert run.occupied < 1000, run.occupied  # the flood's SYNs never reached conntrack
     assert drops(nat, svc.name)["syn_proxy"] >= 200_000
-    new = results["new"]
-    failed = [r for r in new if "error" in r]
-    assert len(new) > 100 and len(failed) <= len(new) // 100, failed[:5]
+    assert len(run.new) > 100 and len(run.failed) <= len(run.new) // 100, run.failed[:5]
 
 
 def hold_then_try(host: str, port: int, hold: int) -> list[str]:
@@ -374,8 +329,7 @@ def test_nat_concurrent_flow_limits_refuse_the_flow_over_them(
 def test_a_restarted_driver_adopts_the_guard_without_rewriting_its_sets(
     request: pytest.FixtureRequest, mode: Mode
 ) -> None:
-    lab: Lab = request.getfixturevalue("dsr_lab" if mode is Mode.DSR else "nat_lab")
-    driver: Driver = request.getfixturevalue(mode.value)
+    lab, driver = lab_and_driver(request, mode)
     c1, c2 = lab.clients
     rules = ClientRules(
         allow=(ip_network("198.18.1.0/24"), ip_network(c1.ipv4)),  # overlapping: merged

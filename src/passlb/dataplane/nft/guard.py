@@ -9,6 +9,7 @@ say why traffic was refused, by service.
     allowed_<svc>  interval set of the allow_clients CIDRs (absent: everyone)
     denied_<svc>   interval set of the deny_clients CIDRs
     climit_<svc>   dynamic set: client address -> token bucket (client_new_flow_rate)
+    cflows_<svc>   nat, dynamic set: client address -> its flows (ct count, client_max_flows)
     refuse_<svc>   chain: TCP reset, else ICMP administratively prohibited
                    (only with refuse = "reject"; "drop" drops in place)
     synp_<svc>     nat with syn_proxy: the client rules, then the kernel's SYN proxy
@@ -55,9 +56,12 @@ _COUNTER_PREFIX = {
 
 # A TCP packet with SYN and without ACK: a client's first (or retransmitted) handshake packet.
 SYN_ONLY = "tcp flags & (syn | ack) == syn"
-# What the SYN proxy offers clients in its SYN-ACK. It cannot translate TCP
-# options afterwards, so backends must agree: window scale 7 is what Linux
-# picks with its default buffer sizes; MSS 1460 fits a 1500-byte path.
+# What the SYN proxy offers clients in its SYN-ACK: the MSS only (1460 fits a
+# 1500-byte path). A SYN cookie carries window scale and SACK only inside TCP
+# timestamps, and with `timestamp` offered this kernel's (6.18) proxy ACK was
+# refused by Linux backends, each handshake then waiting 1 s for a SYN-ACK
+# retransmission. Offering a window scale without it would leave client and
+# backend disagreeing on the scale. docs/protecting.md states the cost.
 SYN_PROXY_OPTIONS = "mss 1460"
 
 # A client's token bucket is forgotten after this long without a new flow; the
@@ -255,7 +259,6 @@ class SynProxy:
     flow is an ordinary conntrack entry.
     """
 
-    match: str  # the service's TCP packets before DNAT: VIP and ports
     raw_rule: str  # prerouting, raw priority: the SYN skips conntrack
     chain: tuple[Chain, tuple[str, ...]]  # the client rules, then the proxy
     filter_rule: str  # forward and input: goto the chain
@@ -281,7 +284,6 @@ def render_syn_proxy(service: Service, guard: Guard, service_chain: str) -> SynP
         "ct state invalid drop",
     )
     return SynProxy(
-        match=match,
         raw_rule=f"{match} {SYN_ONLY} notrack",
         chain=(Chain(names.syn_proxy_chain), rules),
         filter_rule=f"{match} goto {names.syn_proxy_chain}",
