@@ -347,6 +347,8 @@ def test_a_restarted_driver_adopts_the_guard_without_rewriting_its_sets(
         else NatDriver(runner, NetlinkConntrack(lab.lb.ns))
     )
     again.sync(desired(svc))  # reads the table back over netlink and converges it
+    # A periodic full resync finds what it wrote: the guard objects read back as rendered.
+    assert again.sync(desired(svc), full=True).repairs == {}
     table = again.table  # type: ignore[attr-defined]
     held = runner.read(table)
     assert held is not None
