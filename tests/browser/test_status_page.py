@@ -142,6 +142,8 @@ def test_status_page_graphs_read_only_drain_and_a_backend_going_down(
     expect(rows["b3"]).to_have_attribute("data-health", "down", timeout=WAIT)
     expect(page.locator("#alerts")).to_contain_text(f"web/{b3.key} down")
     expect(page.locator("#events li.bad").first).to_contain_text(f"{b3.key} down")
+    # Event times as in `passlb top`: local, 24-hour.
+    expect(page.locator("#events li").first).to_have_text(re.compile(r"^\d\d:\d\d:\d\d  "))
 
     # One backend's detail: its health history and its own line in the graphs.
     rows["b3"].locator("td").first.click()

@@ -98,3 +98,36 @@ async def test_drain_of_an_unknown_service_names_the_service(
         assert "backend: no backend '198.18.0.11' in service 'web'" in done.stderr
     finally:
         await backend.kill()
+
+
+async def test_a_drain_past_its_timeout_shows_as_drained(make_daemon: MakeDaemon, net: str) -> None:
+    backends = [EchoBackend(f"b{h}", f"{net}.{h}") for h in (11, 12)]
+    for backend in backends:
+        await backend.start()
+    daemon = make_daemon(
+        proxy_service(
+            "web",
+            f"{net}.10",
+            [f'address = "{net}.{h}"\nport = {PORT}' for h in (11, 12)],
+            settings='drain_timeout = "1s"',
+        )
+    )
+    key = f"{net}.12:{PORT}"
+    try:
+        await daemon.wait_ready()
+        done = await daemon.cli("drain", "web", key)
+        assert done.returncode == 0, done.stderr
+        doc = await daemon.wait_for(
+            lambda d: daemon.backend(d, "web", key)["role"] == "drained", 10.0, "drained"
+        )
+        assert daemon.backend(doc, "web", key)["drain_deadline_in"] is None
+        shown = await daemon.cli("status")
+        row = next(line for line in shown.stdout.splitlines() if line.strip().startswith(key))
+        assert row.split()[1:4] == ["up", "drained", "drain"]
+        assert "drain ends" not in shown.stdout
+        as_json = json.loads((await daemon.cli("status", "--json")).stdout)
+        drained = daemon.backend(as_json, "web", key)
+        assert (drained["role"], drained["drain_deadline_in"]) == ("drained", None)
+    finally:
+        for backend in backends:
+            await backend.kill()

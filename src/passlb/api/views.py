@@ -72,6 +72,9 @@ def status_document(
         from_file = snap.config.service(svc.name)
         svc_counters = counters.get(svc.name, ServiceCounters())
         slots = _ring_slots(sd)
+        # By key once: a lookup per backend would be quadratic in a big pool.
+        desired_backends = {bd.key: bd for bd in sd.backends} if sd else {}
+        file_weights = {fb.key: fb.weight for fb in from_file.backends} if from_file else {}
         backends = []
         # Removed backends stay listed, as drained, until their drain ends in a cut.
         gone = [
@@ -84,7 +87,7 @@ def status_document(
         flows_known = not counted or snap.flow_count is not None
         service_flows: int | None = 0 if flows_known else None
         for b in (*svc.backends, *gone):
-            bd = sd.backend(b.key) if sd else None
+            bd = desired_backends.get(b.key)
             c = svc_counters.backends.get(b.key, BackendCounters())
             active: int | None = c.active_flows
             if counted:
@@ -94,7 +97,6 @@ def status_document(
                 service_flows += active
             record = snap.health.get((svc.name, b.key))
             rates = snap.rates.get((svc.name, b.key), Rates())
-            configured = from_file.backend(b.key) if from_file else None
             deadline = bd.drain_deadline if bd else None
             # A drain whose deadline passed is over: its flows were cut.
             drained = deadline is not None and snap.now >= deadline
@@ -112,7 +114,7 @@ def status_document(
                     "health_history": snap.health_history.get((svc.name, b.key), []),
                     "role": "drained" if drained else bd.role.value if bd else "unknown",
                     "weight": b.weight,
-                    "config_weight": configured.weight if configured else b.weight,
+                    "config_weight": file_weights.get(b.key, b.weight),
                     "reported_weight": record.weight if record else None,
                     "ring_weight": bd.weight if bd else 0,
                     "ring_slots": slots.get(b.key, 0),
