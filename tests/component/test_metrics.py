@@ -43,6 +43,7 @@ def _doc(**backend_overrides: Any) -> dict[str, Any]:
                 "dropped": 4,
                 "drops": {"no_backend": 4, "not_allowed": 9},
                 "dropping": False,
+                "reported_weights": "ignored",
                 "backends": [backend],
             }
         ],
@@ -84,6 +85,8 @@ def test_render_values_from_the_document() -> None:
     assert _value(samples, "passlb_backend_admin_state", state="enabled", **labels) == 0
     assert _value(samples, "passlb_service_dropped_packets_total", service="web") == 4
     assert _value(samples, "passlb_service_serving", service="web") == 1
+    assert _value(samples, "passlb_service_reported_weights", service="web", state="ignored") == 1
+    assert _value(samples, "passlb_service_reported_weights", service="web", state="used") == 0
     drops = "passlb_service_drops_total"
     assert _value(samples, drops, service="web", reason="not_allowed") == 9
     assert _value(samples, drops, service="web", reason="no_backend") == 4

@@ -98,6 +98,13 @@ SERVICE_METRICS = (
     MetricInfo(
         "passlb_service_serving", "gauge", "1 when the service has a ring (takes new flows)."
     ),
+    MetricInfo(
+        "passlb_service_reported_weights",
+        "gauge",
+        "1 for whether the backends' reported weights build the ring (used), are ignored"
+        " (not every serving backend reports one, or all report 0) or absent (none), 0 for"
+        " the others.",
+    ),
 )
 DAEMON_METRICS = (
     MetricInfo(
@@ -136,6 +143,7 @@ DAEMON_METRICS = (
 ALL_METRICS = BACKEND_METRICS + SERVICE_METRICS + DAEMON_METRICS
 
 ADMIN_STATES = ("enabled", "drain", "disabled")
+REPORTED_WEIGHTS = ("used", "ignored", "none")
 ROLES = ("active", "standby", "draining", "drained", "down", "disabled")
 
 
@@ -176,6 +184,12 @@ def render_metrics(doc: Mapping[str, Any], apply_duration: Histogram, ring_build
         service_labels = {"service": svc["name"]}
         add("passlb_service_dropped_packets_total", service_labels, svc["dropped"])
         add("passlb_service_serving", service_labels, 0 if svc["dropping"] else 1)
+        for use in REPORTED_WEIGHTS:
+            add(
+                "passlb_service_reported_weights",
+                {**service_labels, "state": use},
+                1 if svc["reported_weights"] == use else 0,
+            )
         for reason, count in svc["drops"].items():
             add("passlb_service_drops_total", {**service_labels, "reason": reason}, count)
         for b in svc["backends"]:

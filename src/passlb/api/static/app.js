@@ -97,6 +97,10 @@ function duration(seconds) {
   return Math.floor(s / 3600) + "h" + pad2(Math.floor((s % 3600) / 60)) + "m";
 }
 
+function latency(seconds) {
+  return seconds == null ? "-" : (seconds * 1000).toFixed(1) + " ms";
+}
+
 function portsText(ports) {
   return ports.length === 1 && ports[0] === "1-65535" ? "all" : ports.join(",");
 }
@@ -224,19 +228,20 @@ function updateRow(row, b) {
   setAttr(c[2], "class", "role " + b.role);
   setText(c[3], b.removed ? "removed" : b.admin);
   setText(c[4], String(b.weight));
-  setText(c[5], b.reported_weight === null || b.reported_weight === undefined ? "-" : String(b.reported_weight));
+  setText(c[5], b.reported_weight == null ? "-" : String(b.reported_weight));
   setText(c[6], String(b.ring_weight));
   const share = b.ring_share || 0;
   setText(row.shareText, share.toFixed(1) + "%");
   const width = (3 * Math.min(100, share) / 100).toFixed(2) + "em";
   if (row.share.style.width !== width) row.share.style.width = width;
-  setText(c[8], b.active_flows === null ? "-" : String(b.active_flows));  // null: not counted yet
+  const rates = b.rates || {};
+  setText(c[8], b.active_flows == null ? "-" : String(b.active_flows)); // null: not counted yet
   setText(c[9], String(b.new_flows));
-  setText(c[10], rate(b.rates.new_flows));
-  setText(c[11], rate(b.rates.packets));
-  setText(c[12], rate(b.rates.bytes));
-  setText(c[13], b.check_latency === null ? "-" : (b.check_latency * 1000).toFixed(1) + " ms");
-  setText(c[14], b.drain_deadline_in === null || b.drain_deadline_in === undefined
+  setText(c[10], rate(rates.new_flows || 0));
+  setText(c[11], rate(rates.packets || 0));
+  setText(c[12], rate(rates.bytes || 0));
+  setText(c[13], latency(b.check_latency));
+  setText(c[14], b.drain_deadline_in == null
     ? (b.role === "drained" ? "ended" : "")
     : duration(b.drain_deadline_in));
 }
@@ -357,11 +362,11 @@ function renderDetail(svc, entry) {
   }
   const facts = [
     ["health", b.health + (b.health_reason ? " (" + b.health_reason + ")" : "")],
-    ["check latency", b.check_latency === null ? "-" : (b.check_latency * 1000).toFixed(1) + " ms"],
+    ["check latency", latency(b.check_latency)],
     ["weight", "configured " + b.config_weight + ", in effect " + b.weight +
-      ", reported " + (b.reported_weight === null ? "none" : b.reported_weight) + ", ring " + b.ring_weight],
-    ["ring", b.ring_slots + " slots (" + b.ring_share.toFixed(2) + "%)"],
-    ["role", b.role + (b.drain_deadline_in === null ? "" : ", flows cut in " + duration(b.drain_deadline_in))],
+      ", reported " + (b.reported_weight == null ? "none" : b.reported_weight) + ", ring " + b.ring_weight],
+    ["ring", (b.ring_slots || 0) + " slots (" + (b.ring_share || 0).toFixed(2) + "%)"],
+    ["role", b.role + (b.drain_deadline_in == null ? "" : ", flows cut in " + duration(b.drain_deadline_in))],
   ];
   const history = (b.health_history || []).map((t) =>
     el("li", { class: t.health }, clock(t.at) + "  " + t.health + ": " + t.reason));
