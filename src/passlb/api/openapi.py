@@ -207,7 +207,7 @@ _SCHEMAS: dict[str, Any] = {
     "History": {
         "type": "object",
         "description": "points `step` seconds apart, oldest first; null where nothing was "
-        "measured (active flows are counted only when status or /metrics is read)",
+        "measured (proxy active flows are counted when status or /metrics is read)",
         "properties": {
             "step": {"type": "integer", "description": "seconds between points"},
             "times": {"type": "array", "items": {"type": "number"}, "description": "Unix time"},
