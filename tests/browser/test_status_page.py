@@ -187,3 +187,9 @@ def test_without_the_token_a_closed_api_shows_nothing_and_asks_for_it(page: Page
         expect(row).to_have_attribute("data-health", "up", timeout=WAIT)
         expect(row.locator("button.action")).to_have_count(4)
         expect(page.locator("#token-form")).to_be_hidden()
+        # Forgetting the token from the page makes it ask again.
+        page.click("#token-forget")
+        expect(page.locator("#token-why")).to_have_text(
+            "This API needs its bearer token to show its status."
+        )
+        expect(page.locator("button.action")).to_have_count(0)
