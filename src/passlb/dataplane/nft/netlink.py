@@ -64,6 +64,7 @@ NFTA_SET_ELEM_DATA = 2
 NFTA_DATA_VALUE = 1
 
 REPLY_TIMEOUT = 5.0  # seconds; the kernel answers a dump at once
+RING_READ_TRIES = 20  # a resize under a dump is rare and runs once (ring(), below)
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10  # acknowledgements without the request echoed back
 FAMILIES = {"ip": 2, "ip6": 10, "inet": 1, "netdev": 5, "arp": 3, "bridge": 7}
@@ -204,11 +205,21 @@ class NetlinkReader:
         return elements_from(info, parts)
 
     def ring(self, family: str, table: str, set_name: str) -> RingValues:
-        """slot -> id of a ring map (0 where a slot has no element)."""
+        """slot -> id of a ring map (0 where a slot has no element).
+
+        A dump that met a resize of the kernel's hash table is read again: the
+        resize runs once, right after a big write, so the next dump is whole.
+        """
         attributes = attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
         attributes += attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
-        return ring_from_dump(
-            self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
+        for _ in range(RING_READ_TRIES):
+            dump = self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
+            ring, whole = ring_from_dump(dump)
+            if whole:
+                return ring
+        raise DataplaneError(
+            f"nfnetlink: table {table}: map {set_name} was resized under "
+            f"{RING_READ_TRIES} reads in a row"
         )
 
     def write_rings(

@@ -135,22 +135,35 @@ def ring_batch(
     return messages, labels
 
 
-def ring_from_dump(parts: Iterable[tuple[bytes, list[tuple[int, int]]]]) -> RingValues:
-    """slot -> id of a ring map from its GETSETELEM dump (0 where no element is)."""
+def ring_from_dump(
+    parts: Iterable[tuple[bytes, list[tuple[int, int]]]],
+) -> tuple[RingValues, bool]:
+    """slot -> id of a ring map from its GETSETELEM dump (0 where no element is), and
+    whether the dump was whole: no slot came twice and none is missing below
+    the highest (a ring has an element in every slot).
+
+    A hash set's dump restarts its walk for every message, skipping as many
+    elements as it already sent. When the kernel resizes the table between two
+    messages (rhashtable grows in a worker after a big write), the walk order
+    changes: the dump then sends some elements twice and misses as many others.
+    A repeated slot or a hole is the sign of a miss.
+    """
     found: dict[int, int] = {}
+    records = 0
     for buffer, spans in parts:
         for start, end in spans:
             for kind, a, b in attrs(buffer, start, end):
                 if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
                     continue
-                _records(buffer, a, b, found)
+                records += _records(buffer, a, b, found)
     ring = array("I", bytes(4 * (max(found, default=-1) + 1)))
     for slot, bid in found.items():
         ring[slot] = bid
-    return ring
+    return ring, records == len(found) == len(ring)
 
 
-def _records(buffer: bytes, start: int, end: int, found: dict[int, int]) -> None:
+def _records(buffer: bytes, start: int, end: int, found: dict[int, int]) -> int:
+    """Adds the (slot, id) records of one element list to `found`; how many it read."""
     count = (end - start) // 28
     if count * 28 == end - start:  # the common case: every element a plain 28-byte record
         words = array("I", buffer[start:end])
@@ -159,7 +172,8 @@ def _records(buffer: bytes, start: int, end: int, found: dict[int, int]) -> None
             for template in (_DUMPED, _ADD)
         ):
             found.update(zip(words[3::7], words[6::7], strict=True))
-            return
+            return count
+    records = 0
     for elem_kind, c, d in attrs(buffer, start, end):  # anything else: walk the attributes
         if elem_kind != NFTA_LIST_ELEM:
             continue
@@ -174,3 +188,5 @@ def _records(buffer: bytes, start: int, end: int, found: dict[int, int]) -> None
                         bid = value
         if slot is not None and bid is not None:
             found[slot] = bid
+            records += 1
+    return records
