@@ -95,6 +95,20 @@ class Refusal(enum.StrEnum):
     REJECT = "reject"  # TCP reset, or ICMP administratively prohibited for UDP
 
 
+class Announce(enum.StrEnum):
+    """When a service keeps its VIP announced over BGP (``[bgp]``)."""
+
+    WHEN_SERVING = "when-serving"  # while its ring has a backend for new flows
+    ALWAYS = "always"  # even with no backend (new flows then drop on this node)
+    NEVER = "never"  # the service never keeps its VIP announced
+
+
+class Speaker(enum.StrEnum):
+    """The BGP speaker passlb drives (passlb does not speak BGP itself)."""
+
+    BIRD = "bird"  # BIRD 2 (Debian: bird2)
+
+
 class LogFormat(enum.StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -290,6 +304,7 @@ class Service:
     limits: Limits = field(default_factory=Limits)
     # Keys the file wrote in a place that still works but will go (for `passlb check`).
     deprecations: tuple[str, ...] = ()
+    announce: Announce = Announce.WHEN_SERVING  # with [bgp]: when its VIP is announced
 
     def backend(self, key: str) -> Backend | None:
         return next((b for b in self.backends if b.key == key), None)
@@ -311,6 +326,46 @@ class ProxySettings:
     workers: int | None = 1  # relay processes; 1: in the daemon itself; None: one per CPU
 
 
+DEFAULT_HOLD_TIME = 90.0  # seconds (RFC 4271, section 10, suggests 90)
+
+
+@dataclass(frozen=True)
+class BgpPeer:
+    address: IPAddress
+    asn: int
+    hold_time: float = DEFAULT_HOLD_TIME  # whole seconds, 0 (no keepalives) or 3..65535
+    bfd: bool = False  # fast failure detection (the router must run BFD too)
+    password: str | None = None  # TCP MD5 signature (RFC 2385)
+
+
+@dataclass(frozen=True)
+class Community:
+    """A standard BGP community, "asn:value" (RFC 1997)."""
+
+    asn: int
+    value: int
+
+    def __str__(self) -> str:
+        return f"{self.asn}:{self.value}"
+
+
+@dataclass(frozen=True)
+class BgpSettings:
+    """Announcing the VIPs to routers through a supervised BGP speaker."""
+
+    asn: int
+    router_id: IPv4Address
+    peers: tuple[BgpPeer, ...]
+    speaker: Speaker = Speaker.BIRD
+    # At most one per family; none for a family: the session's own address.
+    next_hops: tuple[IPAddress, ...] = ()
+    communities: tuple[Community, ...] = ()
+    run_dir: str = "/run/passlb/bgp"  # the speaker's config, control socket and pid file
+
+    def next_hop(self, version: int) -> IPAddress | None:
+        return next((a for a in self.next_hops if a.version == version), None)
+
+
 @dataclass(frozen=True)
 class Config:
     services: tuple[Service, ...]
@@ -319,6 +374,7 @@ class Config:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     log_level: str = "info"
     log_format: LogFormat = LogFormat.TEXT
+    bgp: BgpSettings | None = None  # None: no VIP is announced (static routes, or one node)
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)

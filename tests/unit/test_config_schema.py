@@ -9,6 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from passlb.config import _bgp as bgp_rules
 from passlb.config import _build as rules
 from passlb.config.schema import config_schema
 
@@ -27,6 +28,8 @@ SHAPE_MISTAKES = [
     "backend-unknown-key",
     "backend-weight-zero",
     "backend-wrong-types",
+    "bgp-bad-values",
+    "bgp-peers-missing",
     "backends-inline-invalid",
     "conntrack-invalid",
     "duration-invalid",
@@ -108,3 +111,6 @@ def test_schema_knows_exactly_the_keys_the_loader_knows() -> None:
     backend = service["properties"]["backends"]["items"]
     assert set(backend["properties"]) == set(rules.BACKEND_KEYS)
     assert set(backend["properties"]["health"]["properties"]) == set(rules.HEALTH_KEYS)
+    assert set(schema["properties"]["bgp"]["properties"]) == set(bgp_rules.BGP_KEYS)
+    peer = schema["properties"]["bgp"]["properties"]["peers"]["items"]
+    assert set(peer["properties"]) == set(bgp_rules.PEER_KEYS)

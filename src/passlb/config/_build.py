@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from passlb.config import _values as values
+from passlb.config._bgp import build_bgp
 from passlb.config._lines import FieldPath
 from passlb.config._reader import (
     Issues,
@@ -36,6 +37,7 @@ from passlb.model import (
     AdminState,
     Affinity,
     AllUnhealthy,
+    Announce,
     ApiSettings,
     Backend,
     Balance,
@@ -76,7 +78,7 @@ MAX_RING_SIZE = 1 << 24
 RING_SLOTS_PER_BACKEND = 100
 _MANY = 10_000_000
 
-TOP_KEYS = ("interfaces", "api", "log", "proxy", "services")
+TOP_KEYS = ("interfaces", "api", "log", "proxy", "services", "bgp")
 API_KEYS = ("listen", "token", "read_without_token")
 PROXY_SETTINGS_KEYS = ("workers",)
 LOG_KEYS = ("level", "format")
@@ -84,7 +86,7 @@ SERVICE_KEYS = (
     "name", "vip", "protocol", "ports", "mode", "affinity", "target_port", "ring_size",
     "hash_seed", "drain_timeout", "all_unhealthy", "failover_ratio", "snat", "proxy_protocol",
     "conntrack", "health", "proxy", "backends", "allow_clients", "deny_clients", "refuse",
-    "limits", "syn_proxy",
+    "limits", "syn_proxy", "announce",
 )  # fmt: skip
 CONNTRACK_KEYS = (
     "tcp_timeout", "udp_timeout", "persist_on_unhealthy", "flow_table_size", "syn_timeout",
@@ -161,6 +163,7 @@ def build_config(top: Table, names: ServiceNames) -> Config:
             services.append((index, service))
     _check_names(top.issues, names)
     _check_overlaps(top.issues, services, display_names(names))
+    bgp = build_bgp(top.table("bgp"), services)
     return Config(
         services=tuple(service for _, service in services),
         interfaces=tuple(interfaces),
@@ -168,6 +171,7 @@ def build_config(top: Table, names: ServiceNames) -> Config:
         proxy=proxy,
         log_level=level.value,
         log_format=log_format,
+        bgp=bgp,
     )
 
 
@@ -291,6 +295,7 @@ def _service(table: Table, index: int, names: ServiceNames) -> Service | None:
     drain_timeout = table.get("drain_timeout", duration(allow_zero=True), 30.0)
     all_unhealthy = table.get("all_unhealthy", choice(AllUnhealthy), AllUnhealthy.FAIL_OPEN)
     failover_ratio = table.get("failover_ratio", number(0.0, 1.0), 0.0)
+    announce = table.get("announce", choice(Announce), Announce.WHEN_SERVING)
 
     if name is None or vip is None or ports is None or mode is None:
         return None
@@ -316,6 +321,7 @@ def _service(table: Table, index: int, names: ServiceNames) -> Service | None:
         clients=clients,
         limits=limits,
         deprecations=tuple(deprecations),
+        announce=announce,
     )
     _check_probe_ports(table, service, backends)
     return service

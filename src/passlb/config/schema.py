@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from passlb.config import _bgp as bgp_rules
 from passlb.config import _build as rules
 from passlb.config import _values as values
 from passlb.model import (
@@ -20,6 +21,7 @@ from passlb.model import (
     AdminState,
     Affinity,
     AllUnhealthy,
+    Announce,
     Balance,
     HealthType,
     LogFormat,
@@ -29,6 +31,7 @@ from passlb.model import (
     ProxyProtocol,
     Refusal,
     SniFallback,
+    Speaker,
 )
 
 Schema = dict[str, Any]
@@ -226,6 +229,7 @@ def _service() -> Schema:
         "health": _service_health(),
         "proxy": _proxy(),
         "backends": {"type": "array", "items": _backend(), "minItems": 1},
+        "announce": _enum(Announce, "with [bgp]: when this service keeps its VIP announced"),
     }
     mode_rules = [
         {
@@ -258,6 +262,52 @@ def _service() -> Schema:
     ]
     return _table(
         properties, required=("name", "vip", "ports", "mode", "backends"), allOf=mode_rules
+    )
+
+
+def _bgp() -> Schema:
+    asn = {
+        **_integer(1, bgp_rules.MAX_ASN - 1),
+        "not": {"const": bgp_rules.AS_TRANS},
+        "description": "AS number (4-octet; 23456 is AS_TRANS)",
+    }
+    peer = _table(
+        {
+            "address": _ADDRESS,
+            "asn": asn,
+            "hold_time": {
+                **_DURATION_OR_ZERO,
+                "description": "0 or whole seconds 3s-65535s; default 90s",
+            },
+            "bfd": {**_BOOL, "description": "BFD for fast failure detection (router too)"},
+            "password": {"type": "string", "minLength": 1, "maxLength": 80},
+        },
+        required=("address", "asn"),
+    )
+    return _table(
+        {
+            "asn": asn,
+            "router_id": {"type": "string", "format": "ipv4", "description": "BGP identifier"},
+            "speaker": _enum(Speaker, "the BGP speaker passlb runs (default bird: BIRD 2)"),
+            "next_hop": {
+                "type": "array",
+                "items": _ADDRESS,
+                "maxItems": 2,
+                "description": "at most one per family; default: the session's own address",
+            },
+            "communities": {
+                "type": "array",
+                "items": {"type": "string", "pattern": "^[0-9]{1,5}:[0-9]{1,5}$"},
+            },
+            "run_dir": {
+                "type": "string",
+                "pattern": "^/",
+                "description": "the speaker's config, control socket and pid file",
+                "default": "/run/passlb/bgp",
+            },
+            "peers": {"type": "array", "items": peer, "minItems": 1},
+        },
+        required=("asn", "router_id", "peers"),
     )
 
 
@@ -313,5 +363,6 @@ def config_schema() -> dict[str, object]:
                 }
             ),
             "services": {"type": "array", "items": _service()},
+            "bgp": _bgp(),
         },
     }
