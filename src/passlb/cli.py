@@ -22,6 +22,7 @@ from passlb.model import MAX_WEIGHT, MIN_WEIGHT
 
 if TYPE_CHECKING:
     from passlb.api.client import ApiClient
+    from passlb.model import Config
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -40,6 +41,7 @@ examples:
   passlb top                                   the same, live, with recent events
   passlb flows --service web                   current flows from the data plane
   passlb drain web 198.18.2.11                 stop new flows to a backend
+  passlb node drain                            withdraw this node's VIPs from the routers
   passlb explain --config lb.toml 198.18.1.10 40000 198.18.0.10 443 tcp
   passlb demo                                  build a lab and show passthrough
 
@@ -67,6 +69,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 print(f"  {issue}", file=sys.stderr)
             status = EXIT_CONFIG
             continue
+        problems = _environment_problems(config)
+        if problems:
+            print(f"{path}: cannot run here ({len(problems)} problem(s))", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            status = EXIT_CONFIG
+            continue
         print(f"{path}: ok")
         print(summarize(config))
         if any(s.mode in (Mode.DSR, Mode.NAT) for s in config.services):
@@ -76,6 +85,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
             if missing is not None:  # the file is fine; this machine cannot run it yet
                 print(f"{path}: warning: {missing}", file=sys.stderr)
     return status
+
+
+def _environment_problems(config: Config) -> list[str]:
+    """What this machine lacks to run `config` (the file itself is valid)."""
+    if config.bgp is None:
+        return []
+    from passlb.bgp.bird import speaker_problems
+
+    return speaker_problems()
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -95,7 +113,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     # Where a new flow would go with every backend healthy; the running
     # daemon's health view is not consulted.
     state = compute_desired(config, assume_all_healthy(config), drains={}, now=0.0)
-    print(explain_flow(state, args.src_ip, args.src_port, args.dst_ip, args.dst_port, args.proto))
+    explanation = explain_flow(
+        state, args.src_ip, args.src_port, args.dst_ip, args.dst_port, args.proto
+    )
+    print(explanation)
+    desired = state.service(explanation.service) if explanation.service else None
+    if desired is not None:
+        from passlb.control.fingerprint import ring_fingerprint
+
+        # Nodes whose `passlb status` shows this fingerprint send the flow alike.
+        print(f"ring     fingerprint {ring_fingerprint(desired)} (every backend healthy)")
     return EXIT_OK
 
 
@@ -225,6 +252,36 @@ def _cmd_resync(args: argparse.Namespace) -> int:
     result = _api_client(args).post("/api/v1/resync", {})
     print(result.get("message", "full resync requested"))
     return EXIT_OK
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    import time
+
+    from passlb.bgp.agent import QUIET_PERIOD
+
+    client = _api_client(args)
+    result = client.post(f"/api/v1/node/{args.verb}", {})
+    print(result.get("message", "ok"))
+    if args.verb != "drain" or not args.wait:
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        node = (client.get("/api/v1/status").get("bgp") or {}).get("node", {})
+        if node.get("traffic_moved"):
+            withdrawn = time.strftime("%H:%M:%S", time.localtime(node["withdrawn_at"]))
+            print(
+                f"withdrawn from every peer at {withdrawn}; no packets for"
+                f" {QUIET_PERIOD:g} s since: the routers moved the traffic away"
+                f" ({node['packets_after_withdrawal']} packets arrived after the withdrawal)"
+            )
+            return EXIT_OK
+        time.sleep(0.5)
+    print(
+        f"passlb: traffic still arrives {args.timeout:g} s after the drain"
+        " (see passlb status: bgp peers and routes)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
@@ -369,6 +426,22 @@ def build_parser() -> argparse.ArgumentParser:
         "passlb completion bash > /etc/bash_completion.d/passlb",
     )
     p.add_argument("shell", choices=["bash", "zsh"])
+
+    p = add(
+        "node",
+        _cmd_node,
+        "drain this node from the routers (withdraw every VIP; forwarding goes on), or undrain",
+        "passlb node drain",
+    )
+    p.add_argument("verb", choices=["drain", "undrain"])
+    p.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="drain: return at once instead of waiting until the traffic has moved away",
+    )
+    p.add_argument("--timeout", type=float, default=120.0, help="drain: seconds to wait")
+    api_options(p)
 
     p = add("reload", _cmd_reload, "re-read the daemon's config file", "passlb reload")
     api_options(p)

@@ -29,6 +29,7 @@ from passlb.api.metrics import render_metrics
 from passlb.api.server import build_app, start_api
 from passlb.api.telemetry import SERVICE_TOTAL, FlowCount, Telemetry
 from passlb.api.views import StatusSnapshot, read_counters, status_document
+from passlb.bgp.agent import BgpAgent
 from passlb.config import load_config
 from passlb.control.reconciler import ApplyRecord, Reconciler, assume_all_healthy
 from passlb.dataplane.base import Driver, Flow, describe_repairs
@@ -113,8 +114,25 @@ def start_only_changes(running: Config, loaded: Config) -> list[str]:
             (loaded.log_level, loaded.log_format),
         ),
         "[proxy]": (running.proxy, loaded.proxy),
+        # The speaker starts and stops with the daemon, in its run_dir; the
+        # rest of [bgp] reloads.
+        "[bgp] (added or removed)": (running.bgp is None, loaded.bgp is None),
+        "bgp.run_dir": (
+            running.bgp.run_dir if running.bgp and loaded.bgp else None,
+            loaded.bgp.run_dir if running.bgp and loaded.bgp else None,
+        ),
     }
     return [name for name, (old, new) in settings.items() if old != new]
+
+
+def build_bgp_agent(config: Config, on_event: Any) -> BgpAgent | None:
+    """The BGP agent and its speaker when the config has [bgp] (SpeakerError:
+    the speaker is not installed)."""
+    if config.bgp is None:
+        return None
+    from passlb.bgp.bird import BirdSpeaker
+
+    return BgpAgent(config.bgp, BirdSpeaker(config.bgp, on_event), on_event)
 
 
 class Daemon:
@@ -142,6 +160,7 @@ class Daemon:
         # A backend's first failed check (of the `fall` it takes) has its
         # rings built ahead, so the transition applies without building any.
         self.checker = HealthChecker(self._on_health, on_pending=self.reconciler.prepare)
+        self.bgp = build_bgp_agent(config, self._event)
 
     @property
     def config(self) -> Config:
@@ -185,6 +204,8 @@ class Daemon:
         self.reconciler.set_health(service, backend, status)
 
     def _on_apply(self, record: ApplyRecord) -> None:
+        if self.bgp is not None and record.error is None:
+            self.bgp.state_changed(self.reconciler.applied)
         self.telemetry.apply_duration.observe(record.duration)
         self.telemetry.ring_build.observe(record.compute_duration)
         if record.error is not None:
@@ -237,6 +258,12 @@ class Daemon:
                 backend=backend,
                 state=state.value,
             )
+
+    def set_node_drained(self, drained: bool) -> str:
+        """passlb node drain / undrain; LookupError when nothing is announced."""
+        if self.bgp is None:
+            raise LookupError("bgp: this node announces nothing (its config has no [bgp])")
+        return self.bgp.set_drained(drained)
 
     def events(self, since: int) -> list[dict[str, Any]]:
         return self.telemetry.events.since(since)
@@ -293,6 +320,11 @@ class Daemon:
             issues = [str(err)]
         else:
             issues = []
+        if not issues and self.bgp is not None and config.bgp is not None:
+            try:
+                await self.bgp.speaker.check(config.bgp)
+            except PasslbError as err:
+                issues = [str(err)]
         if issues:
             self.last_reload["issues"] = issues
             self.telemetry.reload_failures += 1
@@ -310,6 +342,8 @@ class Daemon:
         unapplied = start_only_changes(self.config, config)
         self.reconciler.set_config(config)
         self._forget_removed(config)
+        if self.bgp is not None and config.bgp is not None:
+            self.bgp.set_settings(config.bgp)
         await self.checker.update(config)
         self.last_reload["ok"] = True
         self.last_reload["restart_needed"] = unapplied
@@ -356,6 +390,7 @@ class Daemon:
             resync_repairs=dict(self.telemetry.resync_repairs),
             counting_flows=self.telemetry.counting_flows,
             removed=dict(rec.removed),
+            bgp=None if self.bgp is None else self.bgp.document(time.time()),
         )
 
     def _forget_removed(self, config: Config) -> None:
@@ -398,6 +433,8 @@ class Daemon:
                 last_errors = errors
             self.telemetry.rates.observe(time.monotonic(), counters)
             self.telemetry.history.observe_rates(time.time(), self.telemetry.rates.all())
+            if self.bgp is not None:
+                self.bgp.observe_counters(time.time(), counters)
             await asyncio.sleep(max(COUNTER_SAMPLE_INTERVAL, 20 * cost))
 
     async def count_flows(self) -> None:
@@ -469,14 +506,24 @@ class Daemon:
         reconcile = loop.create_task(self.reconciler.run(), name="reconciler")
         sampler = loop.create_task(self.sample_counters(), name="counter sampler")
         counter = loop.create_task(self.count_flows(), name="flow counter")
+        tasks = [reconcile, sampler, counter]
+        if self.bgp is not None:
+            # Announced only now: the data plane holds the first apply.
+            await self.bgp.speaker.start(self.bgp.announced())
+            tasks.append(loop.create_task(self.bgp.speaker.supervise(), name="bgp speaker"))
+            tasks.append(loop.create_task(self.bgp.run(), name="bgp agent"))
         try:
             await stop.wait()
         finally:
             await asyncio.gather(*reloads, return_exceptions=True)
-            for task in (reconcile, sampler, counter):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if self.bgp is not None:
+                # Withdraw before anything else stops: the routers move the
+                # flows to the other nodes while this one still forwards.
+                await self.bgp.speaker.stop()
             await self.checker.close()
             await api.cleanup()
             for driver in self.drivers.values():

@@ -36,6 +36,7 @@ class FakeControl:
         self.resyncs = 0
         self.flow_queries: list[tuple[str | None, str | None]] = []
         self.history_queries: list[tuple[str | None, str | None, int]] = []
+        self.node_drained: bool | None = False  # None: no [bgp]
 
     async def status(self) -> dict[str, Any]:
         return {
@@ -98,6 +99,12 @@ class FakeControl:
 
     def resync(self) -> None:
         self.resyncs += 1
+
+    def set_node_drained(self, drained: bool) -> str:
+        if self.node_drained is None:
+            raise LookupError("bgp: this node announces nothing (its config has no [bgp])")
+        self.node_drained = drained
+        return "drained" if drained else "undrained"
 
 
 @pytest.fixture
@@ -455,3 +462,15 @@ def test_client_names_an_unreachable_daemon(tmp_path: Path) -> None:
     client = ApiClient(f"unix:{tmp_path / 'absent.sock'}", timeout=1.0)
     with pytest.raises(ApiError, match="cannot reach the passlb daemon"):
         client.get("/api/v1/status")
+
+
+async def test_node_drain_and_undrain(client: TestClient[Any, Any], control: FakeControl) -> None:
+    response = await client.post("/api/v1/node/drain")
+    assert response.status == 200 and (await response.json())["message"] == "drained"
+    assert control.node_drained is True
+    response = await client.post("/api/v1/node/undrain")
+    assert response.status == 200 and control.node_drained is False
+    control.node_drained = None
+    response = await client.post("/api/v1/node/drain")
+    assert response.status == 409
+    assert (await response.json())["error"].startswith("bgp: this node announces nothing")

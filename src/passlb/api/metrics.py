@@ -105,6 +105,24 @@ SERVICE_METRICS = (
         " (not every serving backend reports one, or all report 0) or absent (none), 0 for"
         " the others.",
     ),
+    MetricInfo(
+        "passlb_service_ring_info",
+        "gauge",
+        "Always 1; the fingerprint label is equal on nodes that send new flows alike.",
+    ),
+)
+BGP_METRICS = (
+    MetricInfo("passlb_bgp_peer_up", "gauge", "1 when the BGP session is Established."),
+    MetricInfo("passlb_bgp_peer_routes_exported", "gauge", "VIP routes announced to the peer now."),
+    MetricInfo(
+        "passlb_bgp_vip_announced",
+        "gauge",
+        "1 when the VIP is announced, 0 when withdrawn; the reason label says why.",
+    ),
+    MetricInfo("passlb_node_drained", "gauge", "1 while the node is drained (passlb node drain)."),
+    MetricInfo(
+        "passlb_bgp_speaker_restarts_total", "counter", "Times the BGP speaker died and restarted."
+    ),
 )
 DAEMON_METRICS = (
     MetricInfo(
@@ -140,7 +158,7 @@ DAEMON_METRICS = (
     ),
     MetricInfo("passlb_build_info", "gauge", "Always 1; the version is in the label."),
 )
-ALL_METRICS = BACKEND_METRICS + SERVICE_METRICS + DAEMON_METRICS
+ALL_METRICS = BACKEND_METRICS + SERVICE_METRICS + BGP_METRICS + DAEMON_METRICS
 
 ADMIN_STATES = ("enabled", "drain", "disabled")
 REPORTED_WEIGHTS = ("used", "ignored", "none")
@@ -192,6 +210,9 @@ def render_metrics(doc: Mapping[str, Any], apply_duration: Histogram, ring_build
             )
         for reason, count in svc["drops"].items():
             add("passlb_service_drops_total", {**service_labels, "reason": reason}, count)
+        fingerprint = svc.get("ring_fingerprint")
+        if fingerprint is not None:
+            add("passlb_service_ring_info", {**service_labels, "fingerprint": fingerprint}, 1)
         for b in svc["backends"]:
             labels = {"service": svc["name"], "backend": b["key"]}
             add("passlb_backend_packets_total", labels, b["packets"])
@@ -215,6 +236,20 @@ def render_metrics(doc: Mapping[str, Any], apply_duration: Histogram, ring_build
                     {**labels, "state": state},
                     1 if b["admin"] == state else 0,
                 )
+    bgp = doc.get("bgp")
+    if bgp is not None:
+        for peer in bgp["peers"]:
+            add("passlb_bgp_peer_up", {"peer": peer["address"]}, 1 if peer["established"] else 0)
+            add(
+                "passlb_bgp_peer_routes_exported",
+                {"peer": peer["address"]},
+                peer["routes_exported"],
+            )
+        for vip in bgp["vips"]:
+            labels = {"vip": vip["vip"], "reason": vip["reason"]}
+            add("passlb_bgp_vip_announced", labels, 1 if vip["announced"] else 0)
+        add("passlb_node_drained", {}, 1 if bgp["node"]["drained"] else 0)
+        add("passlb_bgp_speaker_restarts_total", {}, bgp["restarts"])
     samples["passlb_apply_duration_seconds"].extend(
         histogram_samples("passlb_apply_duration_seconds", apply_duration)
     )

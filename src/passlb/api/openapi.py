@@ -146,6 +146,11 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "whether the backends' reported weights build the ring",
             },
             "reported_weights_note": {"type": "string", "description": "why, in words"},
+            "ring_fingerprint": {
+                "type": ["string", "null"],
+                "description": "16 hex digits, equal on nodes that send new flows alike;"
+                " none: no ring",
+            },
             "backends": {"type": "array", "items": _ref("Backend")},
         },
     },
@@ -170,6 +175,62 @@ _SCHEMAS: dict[str, Any] = {
             "last_reload": {"type": "object"},
             "last_event": {"type": "integer", "description": "seq of the newest event"},
             "errors": {"type": "array", "items": {"type": "string"}},
+            "bgp": {"oneOf": [_ref("Bgp"), {"type": "null"}], "description": "null: no [bgp]"},
+        },
+    },
+    "Bgp": {
+        "type": "object",
+        "properties": {
+            "speaker": {"enum": ["bird"]},
+            "asn": {"type": "integer"},
+            "router_id": {"type": "string"},
+            "restarts": {"type": "integer", "description": "speaker restarts after it died"},
+            "node": {
+                "type": "object",
+                "description": "drain progress: drained, withdrawn, traffic_moved, ...",
+                "properties": {"drained": {"type": "boolean"}},
+                "additionalProperties": True,
+            },
+            "peers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "address": {"type": "string"},
+                        "asn": {"type": "integer"},
+                        "state": {"type": "string", "description": "BGP state; Established"},
+                        "established": {"type": "boolean"},
+                        "info": {"type": "string"},
+                        "last_error": {"type": "string"},
+                        "routes_exported": {"type": "integer"},
+                        "hold_time": {"type": "number"},
+                        "bfd": {"type": "boolean"},
+                    },
+                },
+            },
+            "vips": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "vip": {"type": "string"},
+                        "prefix": {"type": "string"},
+                        "announced": {"type": "boolean"},
+                        "reason": {
+                            "enum": [
+                                "serving",
+                                "policy always",
+                                "node drained",
+                                "no backend enabled",
+                                "all backends unhealthy",
+                                "policy never",
+                            ]
+                        },
+                        "services": {"type": "array", "items": {"type": "string"}},
+                        "because_of": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            },
         },
     },
     "Event": {
@@ -178,7 +239,18 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "seq": {"type": "integer"},
             "at": {"type": "number", "description": "Unix time"},
-            "kind": {"enum": ["health", "reported_weight", "admin", "weight", "reload", "apply"]},
+            "kind": {
+                "enum": [
+                    "health",
+                    "reported_weight",
+                    "admin",
+                    "weight",
+                    "reload",
+                    "apply",
+                    "bgp",
+                    "node",
+                ]
+            },
             "message": {"type": "string"},
         },
         "additionalProperties": True,
@@ -396,6 +468,19 @@ _PATHS: dict[str, Any] = {
                 ),
             ],
             "responses": {"200": _json("history", _ref("History")), "400": _ERROR, "404": _ERROR},
+        }
+    },
+    "/api/v1/node/drain": {
+        "post": {
+            "summary": "Withdraw every VIP from the routers; forwarding goes on (status"
+            " bgp.node.traffic_moved says when the routers moved the traffic away)",
+            "responses": {"200": _json("draining", _ref("Message")), "409": _ERROR},
+        }
+    },
+    "/api/v1/node/undrain": {
+        "post": {
+            "summary": "Announce the VIPs again (those whose services can serve)",
+            "responses": {"200": _json("undrained", _ref("Message")), "409": _ERROR},
         }
     },
     "/api/v1/reload": {

@@ -60,6 +60,8 @@ class Control(Protocol):
     async def reload(self) -> tuple[bool, list[str]]: ...
 
     def resync(self) -> None: ...
+    def set_node_drained(self, drained: bool) -> str:
+        """LookupError when this node announces nothing."""
 
 
 class BadRequest(Exception):
@@ -260,6 +262,14 @@ def build_app(
             raise BadRequest(str(err.args[0]), status=404) from None
         return web.json_response(found)
 
+    async def node_drain(request: web.Request) -> web.Response:
+        _query(request, ())
+        drained = request.path.endswith("/drain")
+        try:
+            return web.json_response({"message": control.set_node_drained(drained)})
+        except LookupError as err:
+            raise BadRequest(str(err.args[0]), status=409) from None
+
     async def reload(request: web.Request) -> web.Response:
         ok, issues = await control.reload()
         if not ok:
@@ -288,6 +298,8 @@ def build_app(
     app.router.add_get("/api/v1/history", history)
     app.router.add_post("/api/v1/reload", reload)
     app.router.add_post("/api/v1/resync", resync)
+    app.router.add_post("/api/v1/node/drain", node_drain)
+    app.router.add_post("/api/v1/node/undrain", node_drain)
     return app
 
 

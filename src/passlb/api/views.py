@@ -19,6 +19,7 @@ from typing import Any
 from passlb import __version__
 from passlb.api.telemetry import FlowCount, Rates
 from passlb.control.desired import diff_desired
+from passlb.control.fingerprint import ring_fingerprint
 from passlb.control.reconciler import ApplyRecord
 from passlb.dataplane.base import BackendCounters, Driver, Flow, ServiceCounters
 from passlb.errors import PasslbError
@@ -59,6 +60,7 @@ class StatusSnapshot:
     resync_repairs: Mapping[tuple[str, str], int] = field(default_factory=dict)
     # backends gone from the config whose flows still drain
     removed: Mapping[tuple[str, str], RemovedBackend] = field(default_factory=dict)
+    bgp: Mapping[str, Any] | None = None  # the BGP agent's section; None: no [bgp]
 
 
 def status_document(
@@ -142,6 +144,7 @@ def status_document(
                 "mode": svc.mode.value,
                 "dropping": sd is not None and sd.ring is None,
                 **_reported_weights(sd, snap.health, svc.name),
+                "ring_fingerprint": ring_fingerprint(sd) if sd else None,
                 "dropped": svc_counters.dropped,
                 "drops": dict(sorted(svc_counters.drops.items())),
                 "protection": _protection(svc),
@@ -178,6 +181,7 @@ def status_document(
             for (service, kind), total in sorted(snap.resync_repairs.items())
         ],
         "errors": errors,
+        "bgp": None if snap.bgp is None else dict(snap.bgp),
     }
 
 
@@ -348,6 +352,8 @@ def format_status(doc: dict[str, Any]) -> str:
     counted = doc.get("flow_count")
     if counted:
         lines.append(_flow_count_line(counted))
+    if doc.get("bgp"):
+        lines.extend(format_bgp(doc["bgp"]))
     header = (
         f"  {'backend':<24} {'health':<7} {'role':<8} {'admin':<8} {'weight':>6} "
         f"{'reported':>8} {'ring':>6} {'share':>6} {'flows':>6} {'new':>8} {'packets':>10} "
@@ -356,9 +362,10 @@ def format_status(doc: dict[str, Any]) -> str:
     for svc in doc["services"]:
         drop = "  (no backend serving: dropping new flows)" if svc["dropping"] else ""
         lines.append("")
+        ring = f"  ring {svc['ring_fingerprint']}" if svc.get("ring_fingerprint") else ""
         lines.append(
             f"{svc['name']}  {svc['protocol']} {svc['vip']} ports {ports_text(svc['ports'])}  "
-            f"mode {svc['mode']}{drop}"
+            f"mode {svc['mode']}{ring}{drop}"
         )
         if svc.get("reported_weights", "none") != "none":
             lines.append(
@@ -425,6 +432,36 @@ def _protection_line(p: dict[str, Any]) -> str:
     if p.get("syn_proxy"):
         parts.append("SYN proxy")
     return ", ".join(parts)
+
+
+def format_bgp(bgp: dict[str, Any]) -> list[str]:
+    """The BGP lines of `passlb status`: the node, each peer, each VIP."""
+    node = bgp["node"]
+    if not node["drained"]:
+        state = "serving"
+    elif node.get("traffic_moved"):
+        state = "DRAINED (withdrawn; the routers moved the traffic away)"
+    elif node.get("withdrawn"):
+        state = "DRAINED (withdrawn; traffic still arriving)"
+    else:
+        state = "DRAINED (withdrawing)"
+    restarts = f", {bgp['restarts']} speaker restart(s)" if bgp.get("restarts") else ""
+    lines = [
+        f"bgp: AS{bgp['asn']} router id {bgp['router_id']} via {bgp['speaker']}, node {state}"
+        + restarts
+    ]
+    if bgp.get("peer_error"):
+        lines.append(f"  speaker unreadable: {bgp['peer_error']}")
+    for peer in bgp["peers"]:
+        error = f"  ({peer['last_error']})" if peer.get("last_error") else ""
+        lines.append(
+            f"  peer {peer['address']:<24} AS{peer['asn']:<10} {peer['state']:<12}"
+            f" {peer['routes_exported']} route(s) announced{error}"
+        )
+    for vip in bgp["vips"]:
+        verb = "announced" if vip["announced"] else "WITHDRAWN"
+        lines.append(f"  vip  {vip['prefix']:<24} {verb:<10} {vip['reason']}")
+    return lines
 
 
 EVENT_TIME_FORMAT = "%H:%M:%S"  # local time, 24-hour; the status page shows the same
