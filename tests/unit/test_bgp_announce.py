@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from passlb.bgp.announce import Reason, announcements
-from passlb.control.desired import HealthStatus, compute_desired
+from passlb.control.desired import compute_desired
 from passlb.model import (
     AdminState,
     AllUnhealthy,
@@ -21,6 +21,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import HealthStatus
 
 VIP = IPv4Address("198.18.0.10")
 B1, B2 = Backend(IPv4Address("198.18.2.11")), Backend(IPv4Address("198.18.2.12"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from ipaddress import IPv4Address
 
-from passlb.control.desired import HealthStatus, compute_desired
+from passlb.control.desired import compute_desired
 from passlb.control.fingerprint import NO_RING, ring_fingerprint
 from passlb.model import (
     AllUnhealthy,
@@ -17,6 +17,7 @@ from passlb.model import (
     Protocol,
     Service,
 )
+from passlb.state import HealthStatus
 
 BACKENDS = tuple(Backend(IPv4Address(f"198.18.2.{n}")) for n in (11, 12, 13))
 

@@ -30,9 +30,9 @@ from typing import Any
 from passlb.bgp.announce import VipAnnouncement, announcements
 from passlb.bgp.bird import EventSink, Speaker, SpeakerError, describe_peers
 from passlb.bgp.bird_config import PeerState
-from passlb.control.desired import DesiredState
 from passlb.dataplane.base import ServiceCounters
 from passlb.model import BgpSettings, IPAddress
+from passlb.state import DesiredState
 
 log = logging.getLogger("passlb.bgp")
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from passlb.control.desired import DesiredState, ServiceDesired
 from passlb.model import AdminState, Announce, IPAddress
+from passlb.state import DesiredState, ServiceDesired
 
 
 class Reason(enum.StrEnum):

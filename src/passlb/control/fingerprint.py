@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 import hashlib
 
-from passlb.control.desired import ServiceDesired
 from passlb.hashing.maglev import Ring
 from passlb.model import Affinity
+from passlb.state import ServiceDesired
 
 NO_RING = "none"  # the service drops new flows
 
