@@ -97,3 +97,27 @@ def test_commands_in_example_comments_parse() -> None:
             parser.parse_args(shlex.split(command)[1:])
         except SystemExit as exit_:
             raise AssertionError(f"{name}: `{command}` exits {exit_.code}") from None
+
+
+def test_check_explains_a_missing_bgp_speaker(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import passlb.bgp.bird
+
+    monkeypatch.setattr(passlb.bgp.bird, "find_binary", lambda name: None)
+    cluster = EXAMPLES[0].parent / "cluster.toml"
+    assert main(["check", str(cluster)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"{cluster}: cannot run here (1 problem(s))" in err
+    assert "bgp.speaker: BIRD 2 is not installed (bird and birdc not found" in err
+    assert "install it: apt-get install bird2" in err
+
+
+def test_explain_shows_the_ring_fingerprint(capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = str(EXAMPLES[0].parent / "cluster.toml")
+    assert (
+        main(["explain", "--config", cluster, "198.18.1.10", "40000", "198.18.0.10", "443", "tcp"])
+        == EXIT_OK
+    )
+    ring = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ring")]
+    assert len(ring) == 1 and len(ring[0].split()[2]) == 16

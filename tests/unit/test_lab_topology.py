@@ -115,3 +115,21 @@ def test_prefix_of_recognises_only_lab_namespaces() -> None:
     assert prefix_of("plbtest-dsr1") is None
     assert prefix_of("plb-3fa2c1") is None
     assert prefix_of("other-ns") is None
+
+
+def test_a_cluster_lab_has_several_lbs_and_no_static_vip_route() -> None:
+    topo = plan(LabSpec(backends=2, lbs=3, bgp=True), "plb-abc123")
+    assert [(n.name, n.ipv4) for n in topo.lbs] == [
+        ("lb1", "198.18.2.2"),
+        ("lb2", "198.18.2.3"),
+        ("lb3", "198.18.2.4"),
+    ]
+    router = node_commands(topo)["plb-abc123-rt"]
+    assert not any("198.18.0.0/24" in line for line in router)
+    assert sysctls(topo)["plb-abc123-rt"]["net/ipv4/fib_multipath_hash_policy"] == "1"
+    assert all(sysctls(topo)[n.ns]["net/ipv4/ip_forward"] == "1" for n in topo.lbs)
+
+
+def test_several_lbs_need_bgp() -> None:
+    with pytest.raises(LabError, match="several load balancers need bgp=True"):
+        LabSpec(lbs=2)

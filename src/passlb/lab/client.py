@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import selectors
 import socket
 import ssl
 import struct
@@ -172,11 +173,149 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(parts)
 
 
+def tcp_streams(
+    host: str,
+    port: int,
+    count: int,
+    seconds: float,
+    interval: float = 0.2,
+    stall_limit: float = 20.0,
+    connect_timeout: float = 5.0,
+    stop_file: str | None = None,
+    on_open: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """`count` long-lived TCP connections, each sending a numbered 64-byte
+    message every `interval` for `seconds` (or until `stop_file` exists) and
+    checking its echo. `on_open` is called once every connection is open.
+
+    A connection breaks on a reset, a close, an echo that differs from what
+    was sent, or no echo for `stall_limit` seconds. Reports each connection's
+    source port and backend, the broken ones with their error, and the longest
+    any message waited for its echo (how long a flow was without service).
+    """
+    _check_bounds(count, seconds)
+    conns: list[dict[str, Any]] = []
+    for _ in range(count):
+        conn: dict[str, Any] = {"sport": None, "backend": None, "error": None, "max_wait": 0.0}
+        try:
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
+            conn["sport"] = sock.getsockname()[1]
+            conn["backend"] = json.loads(_read_line(sock)).get("backend")
+            sock.setblocking(False)
+            conn.update(sock=sock, pending=bytearray(), sent_at=[], seq=0)
+        except (OSError, ValueError) as exc:
+            conn["error"] = _error(exc)["error"]
+        conns.append(conn)
+    live = {c["sock"].fileno(): c for c in conns if c["error"] is None}
+    if on_open is not None:
+        on_open()
+    started = time.monotonic()
+    next_send = started
+    with selectors.DefaultSelector() as selector:
+        for fd in live:
+            selector.register(fd, selectors.EVENT_READ)
+        while live and (now := time.monotonic()) < started + seconds + stall_limit:
+            sending = now < started + seconds and not (
+                stop_file is not None and os.path.exists(stop_file)
+            )
+            if not sending:
+                seconds = min(seconds, now - started)
+            if sending and now >= next_send:
+                for conn in list(live.values()):
+                    _stream_send(conn, now, live, selector)
+                next_send += interval
+            if not sending and not any(c["pending"] for c in live.values()):
+                break
+            timeout = max(0.0, min(next_send if sending else now + 0.1, now + 0.1) - now)
+            for key, _ in selector.select(timeout):
+                if int(key.fd) in live:
+                    _stream_receive(live[int(key.fd)], time.monotonic(), live, selector)
+            now = time.monotonic()
+            for conn in list(live.values()):
+                if conn["sent_at"] and now - conn["sent_at"][0][1] > stall_limit:
+                    _stream_fail(conn, f"no echo for {stall_limit:g} s", live, selector)
+    for conn in conns:
+        if "sock" in conn:
+            conn["sock"].close()
+    broken = [
+        {k: c[k] for k in ("sport", "backend", "error")} for c in conns if c["error"] is not None
+    ]
+    return {
+        "opened": sum(1 for c in conns if c["sport"] is not None),
+        "broken": broken,
+        "flows": [(c["sport"], c["backend"]) for c in conns],
+        "by_backend": dict(Counter(c["backend"] for c in conns if c["backend"])),
+        "max_wait": max((c["max_wait"] for c in conns), default=0.0),
+        "messages": sum(c.get("seq", 0) for c in conns),
+    }
+
+
+def _stream_send(
+    conn: dict[str, Any], now: float, live: dict[int, Any], selector: selectors.BaseSelector
+) -> None:
+    message = f"{conn['seq']:08d}".encode().ljust(63, b".") + b"\n"
+    try:
+        conn["sock"].send(message)  # 64 bytes always fit an empty-enough send buffer
+    except BlockingIOError:
+        return  # the echoes are behind: this round is skipped for this connection
+    except OSError as exc:
+        _stream_fail(conn, _error(exc)["error"], live, selector)
+        return
+    conn["pending"] += message
+    conn["sent_at"].append((len(message), now))
+    conn["seq"] += 1
+
+
+def _stream_receive(
+    conn: dict[str, Any], now: float, live: dict[int, Any], selector: selectors.BaseSelector
+) -> None:
+    try:
+        data = conn["sock"].recv(65536)
+    except BlockingIOError:
+        return
+    except OSError as exc:
+        _stream_fail(conn, _error(exc)["error"], live, selector)
+        return
+    if not data:
+        _stream_fail(conn, "closed by the peer", live, selector)
+        return
+    pending: bytearray = conn["pending"]
+    if not pending.startswith(data):
+        _stream_fail(conn, "the echo differs from the data sent", live, selector)
+        return
+    del pending[: len(data)]
+    echoed = len(data)
+    while conn["sent_at"] and echoed:
+        size, at = conn["sent_at"][0]
+        conn["max_wait"] = max(conn["max_wait"], now - at)
+        if size <= echoed:
+            conn["sent_at"].pop(0)
+            echoed -= size
+        else:
+            conn["sent_at"][0] = (size - echoed, at)
+            echoed = 0
+
+
+def _stream_fail(
+    conn: dict[str, Any], error: str, live: dict[int, Any], selector: selectors.BaseSelector
+) -> None:
+    conn["error"] = error
+    fd = conn["sock"].fileno()
+    live.pop(fd, None)
+    selector.unregister(fd)
+
+
 def udp_stream(
-    host: str, port: int, seconds: float, interval: float = 0.01, timeout: float = 1.0
+    host: str,
+    port: int,
+    seconds: float,
+    interval: float = 0.01,
+    timeout: float = 1.0,
+    stop_file: str | None = None,
 ) -> dict[str, Any]:
     """Send a numbered datagram every `interval` from one socket (one flow) for
-    `seconds`; report which backend answered each one and which were lost."""
+    `seconds` (or until `stop_file` exists); report which backend answered
+    each one and which were lost."""
     _check_bounds(seconds=seconds)
     if interval <= 0:
         raise ValueError("interval must be positive")
@@ -191,6 +330,8 @@ def udp_stream(
         end_of_sending = started + seconds
         deadline = end_of_sending + timeout
         while (now := time.monotonic()) < deadline:
+            if stop_file is not None and now < end_of_sending and os.path.exists(stop_file):
+                end_of_sending, deadline = now, now + timeout
             if now >= next_send and now < end_of_sending:
                 _send_seq(sock, sent, errors)
                 sent += 1

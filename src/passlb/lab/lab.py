@@ -74,6 +74,7 @@ class Lab:
         self.clients: tuple[Node, ...] = self.topology.clients
         self.router: RouterNode = self.topology.router
         self.lb: Node = self.topology.lb
+        self.lbs: tuple[Node, ...] = self.topology.lbs
         self.backends: tuple[Node, ...] = self.topology.backends
         self.vip4: str = self.topology.vip4
         self.state_dir = STATE_DIR / self.prefix

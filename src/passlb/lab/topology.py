@@ -35,6 +35,7 @@ FIRST_BACKEND_HOST = 11
 VIP_HOST = 10
 MAX_CLIENTS = 100
 MAX_BACKENDS = 100
+MAX_LBS = 8  # load-balancer hosts 2..9, below the first backend
 
 FRONT_BRIDGE = "front"
 BACK_BRIDGE = "back"
@@ -54,12 +55,22 @@ class LabSpec:
     # the LB); "lb": backends route through the LB (NAT).
     backend_gateway: Gateway = "router"
     ipv6: bool = True
+    # A cluster: several load balancers ("lb1" ...), each a next hop for the VIPs.
+    lbs: int = 1
+    # The router learns the VIP routes over BGP from the load balancers (a
+    # routing daemon in the router, see passlb.lab.cluster) instead of static
+    # routes to the one LB; it hashes flows over equal next hops by L4 ports.
+    bgp: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.backends <= MAX_BACKENDS:
             raise LabError(f"LabSpec.backends: {self.backends} is not in 1..{MAX_BACKENDS}")
         if not 1 <= self.clients <= MAX_CLIENTS:
             raise LabError(f"LabSpec.clients: {self.clients} is not in 1..{MAX_CLIENTS}")
+        if not 1 <= self.lbs <= MAX_LBS:
+            raise LabError(f"LabSpec.lbs: {self.lbs} is not in 1..{MAX_LBS}")
+        if self.lbs > 1 and not self.bgp:
+            raise LabError("LabSpec.lbs: several load balancers need bgp=True for their routes")
         if self.backend_gateway not in ("router", "lb"):
             raise LabError(
                 f"LabSpec.backend_gateway: {self.backend_gateway!r} is not 'router' or 'lb'"
@@ -118,15 +129,19 @@ class Topology:
     switch_ns: str
     clients: tuple[Node, ...]
     router: RouterNode
-    lb: Node
+    lbs: tuple[Node, ...]
     backends: tuple[Node, ...]
     vip4: str
     vip6_or_none: str | None
     links: tuple[Link, ...] = field(default=())
 
     @property
+    def lb(self) -> Node:
+        return self.lbs[0]
+
+    @property
     def nodes(self) -> tuple[Node, ...]:
-        return (*self.clients, self.router, self.lb, *self.backends)
+        return (*self.clients, self.router, *self.lbs, *self.backends)
 
     @property
     def namespaces(self) -> tuple[str, ...]:
@@ -180,7 +195,10 @@ def plan(spec: LabSpec, prefix: str) -> Topology:
         back_mac=mac_for(router_back4),
         back_ipv6_or_none=str(_host6(BACK_NET6, ROUTER_HOST)) if v6 else None,
     )
-    lb = node("lb", BACK_NET4, BACK_NET6, LB_HOST)
+    lbs = tuple(
+        node("lb" if spec.lbs == 1 else f"lb{i + 1}", BACK_NET4, BACK_NET6, LB_HOST + i)
+        for i in range(spec.lbs)
+    )
     backends = tuple(
         node(f"b{i + 1}", BACK_NET4, BACK_NET6, FIRST_BACKEND_HOST + i)
         for i in range(spec.backends)
@@ -189,7 +207,7 @@ def plan(spec: LabSpec, prefix: str) -> Topology:
         *(Link(c.name, FRONT_BRIDGE, c.ns, c.interface, c.mac) for c in clients),
         Link("rt0", FRONT_BRIDGE, router.ns, router.interface, router.mac),
         Link("rt1", BACK_BRIDGE, router.ns, router.back_interface, router.back_mac),
-        *(Link(n.name, BACK_BRIDGE, n.ns, n.interface, n.mac) for n in (lb, *backends)),
+        *(Link(n.name, BACK_BRIDGE, n.ns, n.interface, n.mac) for n in (*lbs, *backends)),
     )
     return Topology(
         spec=spec,
@@ -197,7 +215,7 @@ def plan(spec: LabSpec, prefix: str) -> Topology:
         switch_ns=f"{prefix}-sw",
         clients=clients,
         router=router,
-        lb=lb,
+        lbs=lbs,
         backends=backends,
         vip4=str(_host4(VIP_NET4, VIP_HOST)),
         vip6_or_none=str(_host6(VIP_NET6, VIP_HOST)) if v6 else None,
@@ -258,16 +276,18 @@ def node_commands(topo: Topology) -> dict[str, list[str]]:
         *_interface_lines(
             router.back_interface, router.back_ipv4, router.back_ipv6_or_none, p4b, p6b
         ),
-        f"route add {VIP_NET4} via {lb.ipv4}",
     ]
-    if lb.ipv6_or_none is not None:
-        router_lines.append(f"route add {VIP_NET6} via {lb.ipv6_or_none}")
+    if not topo.spec.bgp:
+        router_lines.append(f"route add {VIP_NET4} via {lb.ipv4}")
+        if lb.ipv6_or_none is not None:
+            router_lines.append(f"route add {VIP_NET6} via {lb.ipv6_or_none}")
     commands[router.ns] = router_lines
-    commands[lb.ns] = [
-        "link set lo up",
-        *_interface_lines(lb.interface, lb.ipv4, lb.ipv6_or_none, p4b, p6b),
-        *_default_routes(router.back_ipv4, router.back_ipv6_or_none),
-    ]
+    for node in topo.lbs:
+        commands[node.ns] = [
+            "link set lo up",
+            *_interface_lines(node.interface, node.ipv4, node.ipv6_or_none, p4b, p6b),
+            *_default_routes(router.back_ipv4, router.back_ipv6_or_none),
+        ]
     via = lb if topo.spec.backend_gateway == "lb" else None
     gateway4 = via.ipv4 if via else router.back_ipv4
     gateway6 = via.ipv6_or_none if via else router.back_ipv6_or_none
@@ -311,8 +331,14 @@ def sysctls(topo: Topology) -> dict[str, dict[str, str]]:
     if v6:
         forwarding["net/ipv6/conf/all/forwarding"] = "1"
     result = {n.ns: dict(common) for n in topo.nodes}
-    for ns in (topo.router.ns, topo.lb.ns):
+    for ns in (topo.router.ns, *(n.ns for n in topo.lbs)):
         result[ns] |= forwarding
+    if topo.spec.bgp:
+        # Equal-cost next hops chosen by a hash over the L4 ports too, so the
+        # flows of one client spread over the load balancers.
+        result[topo.router.ns]["net/ipv4/fib_multipath_hash_policy"] = "1"
+        if v6:
+            result[topo.router.ns]["net/ipv6/fib_multipath_hash_policy"] = "1"
     # The switch only bridges; its ports need no addresses of their own.
     result[topo.switch_ns] = {
         "net/ipv6/conf/all/disable_ipv6": "1",
