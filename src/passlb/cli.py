@@ -155,6 +155,10 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from passlb.demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(args.flows)
     from passlb.demo import run_demo
 
     return run_demo(mode=args.mode, flows=args.flows)
@@ -375,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: dsr as root on Linux, else proxy on loopback",
     )
     p.add_argument("--flows", type=int, default=300, help="TCP flows to send (default 300)")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="three nodes behind a BGP router; one is killed mid-transfer (root)",
+    )
 
     p = add("status", _cmd_status, "show services, backends and counters", "passlb status")
     api_options(p)

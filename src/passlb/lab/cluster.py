@@ -186,7 +186,7 @@ class Cluster:
         except (OSError, ValueError):
             return None
 
-    def kill_node(self, node: Node, *, blackhole: bool = True) -> None:
+    def kill_node(self, node: Node, *, blackhole: bool = True) -> float:
         """An abrupt death: the link goes down first (no BGP goodbye reaches the
         router), then passlb and its BIRD get SIGKILL.
 
@@ -196,10 +196,11 @@ class Cluster:
         `blackhole` the switch keeps the dead node's MAC on its port (as for a
         machine that hangs with its link up), so its flows get no service
         until the router drops the next hop: the worst case, bounded by the
-        BGP hold time or BFD."""
+        BGP hold time or BFD. Returns the wall-clock time the node went dark."""
         if blackhole:
             self._switch_fdb("replace", node)
         self.lab.run(node.ns, ["ip", "link", "set", node.interface, "down"])
+        dark = time.time()
         daemon = self.daemons.pop(node.name)
         daemon.kill()
         daemon.wait()
@@ -207,6 +208,7 @@ class Cluster:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        return dark
 
     def revive_node(self, node: Node) -> None:
         """Link up (IPv6 addresses and routes left with it: put back), passlb started."""
