@@ -45,8 +45,8 @@ def services(lab: Lab) -> str:
         text += (
             f'[[services]]\nname = "{name}"\nvip = "{vip}"\nprotocol = "{protocol}"\n'
             f'ports = [80]\nmode = "dsr"\nring_size = 1009\n{extra}\n'
-            f'[services.health]\ntype = "tcp"\ninterval = 0.5\ntimeout = 0.3\nrise = 2\n'
-            f"fall = 2\n{port}"
+            f'[services.health]\ntype = "tcp"\ninterval = 1\ntimeout = 0.8\nrise = 2\n'
+            f"fall = 3\n{port}"
         )
         for b in lab.backends:
             text += f'\n[[services.backends]]\naddress = "{getattr(b, family)}"\n'
@@ -96,6 +96,10 @@ def vip_state(doc: dict[str, Any], vip: str) -> tuple[bool, str]:
     return entry["announced"], entry["reason"]
 
 
+def both_established(doc: dict[str, Any]) -> bool:
+    return [p["state"] for p in doc["bgp"]["peers"]] == ["Established", "Established"]
+
+
 def new_flows(doc: dict[str, Any]) -> int:
     return sum(b["new_flows"] for s in doc["services"] for b in s["backends"])
 
@@ -122,8 +126,8 @@ def test_every_node_announces_and_flows_land_where_explain_says(fleet: Fleet) ->
         name: [s["ring_fingerprint"] for s in doc["services"]] for name, doc in docs.items()
     }
     assert len({tuple(f) for f in fingerprints.values()}) == 1, fingerprints
-    for doc in docs.values():
-        assert [p["state"] for p in doc["bgp"]["peers"]] == ["Established", "Established"]
+    for node in lab.lbs:
+        doc = cluster.wait_for_status(node, both_established)
         assert all(v["announced"] for v in doc["bgp"]["vips"])
 
 
@@ -223,6 +227,6 @@ def test_bad_bgp_input_is_refused_and_changes_nothing(fleet: Fleet, tmp_path: Pa
         config_file.write_text(good)
     after = cluster.status(node)
     assert after["bgp"]["vips"] == before["bgp"]["vips"]
-    assert [p["state"] for p in after["bgp"]["peers"]] == ["Established", "Established"]
+    assert both_established(after)
     assert after["last_reload"]["ok"] is False
     assert len(next_hops(lab, lab.vip4)) == 3

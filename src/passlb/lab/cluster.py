@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,20 @@ class Cluster:
 
     def status(self, node: Node) -> dict[str, Any]:
         return self.lab.call(node.ns, _status)
+
+    def wait_for_status(
+        self, node: Node, condition: Callable[[dict[str, Any]], bool], timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Until `node`'s status document meets `condition` (the BGP sessions in it
+        are read from BIRD once a second); that document."""
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = self.status(node)
+            if condition(doc):
+                return doc
+            if time.monotonic() > deadline:
+                raise LabError(f"{node.name}'s status did not reach the condition in {timeout:g} s")
+            time.sleep(0.1)
 
     def passlb(
         self, node: Node, *args: str, check: bool = True
