@@ -184,6 +184,9 @@ class Stand:
     def resync(self) -> None:
         pass
 
+    def set_node_drained(self, drained: bool) -> str:
+        raise LookupError("bgp: the benchmark's stand announces nothing")
+
 
 @contextmanager
 def serving(stand: Stand) -> Iterator[None]:
