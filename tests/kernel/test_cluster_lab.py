@@ -96,6 +96,11 @@ def vip_state(doc: dict[str, Any], vip: str) -> tuple[bool, str]:
     return entry["announced"], entry["reason"]
 
 
+def router_birdc(lab: Lab, *words: str) -> str:
+    socket = lab.state_dir / "router-bird" / "bird.ctl"
+    return lab.run(lab.router.ns, ["birdc", "-s", str(socket), *words]).stdout
+
+
 def both_established(doc: dict[str, Any]) -> bool:
     return [p["state"] for p in doc["bgp"]["peers"]] == ["Established", "Established"]
 
@@ -230,3 +235,27 @@ def test_bad_bgp_input_is_refused_and_changes_nothing(fleet: Fleet, tmp_path: Pa
     assert both_established(after)
     assert after["last_reload"]["ok"] is False
     assert len(next_hops(lab, lab.vip4)) == 3
+
+
+def test_sigterm_withdraws_at_once_and_leaves_the_data_plane(fleet: Fleet) -> None:
+    lab, cluster = fleet.lab, fleet.cluster
+    node = lab.lbs[0]
+    load = cluster.start_load(lab.vip4, 80, CONNECTIONS)
+    daemon = cluster.daemons.pop(node.name)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=60) == 0
+    cluster.wait_for_next_hops(lab.vip4, 2)
+    # The node said goodbye: the router's session ended on the node's Cease,
+    # not on its hold timer.
+    session = router_birdc(lab, "show", "protocols", "all", node.name)
+    assert "Received: Administrative shutdown" in session, session
+    assert "Hold timer expired" not in session, session
+    tables = lab.run(node.ns, ["nft", "list", "tables"]).stdout
+    assert "netdev passlb" in tables  # the kernel data plane stays
+    cluster.start_node(node)
+    cluster.wait_for_next_hops(lab.vip4, 3)
+    tcp, udp = load.finish()
+    assert udp is not None
+    assert tcp["opened"] == CONNECTIONS
+    assert tcp["broken"] == []
+    assert len(udp["by_backend"]) == 1, udp["by_backend"]

@@ -326,6 +326,7 @@ function renderSummary(doc) {
       if (b.health === "down") alerts.push(svc.name + "/" + b.key + " down: " + b.health_reason);
     }
   }
+  renderBgp(doc, alerts);
   if (doc.last_apply && doc.last_apply.error) alerts.push("last apply failed: " + doc.last_apply.error);
   if (doc.last_reload && doc.last_reload.ok === false) {
     alerts.push("last reload rejected: " + (doc.last_reload.issues || []).join("; "));
@@ -338,6 +339,37 @@ function renderSummary(doc) {
     if (alerts.length > 20) list.append(el("li", {}, "… and " + (alerts.length - 20) + " more"));
   }
   list.hidden = alerts.length === 0;
+}
+
+// -- BGP: the node's sessions and announced VIPs (only with [bgp]) ----------------------
+
+function renderBgp(doc, alerts) {
+  const section = document.getElementById("bgp");
+  const bgp = doc.bgp;
+  section.hidden = !bgp;
+  if (!bgp) return;
+  const node = bgp.node.drained
+    ? (bgp.node.traffic_moved ? "drained: the routers moved the traffic away" : "draining")
+    : "serving";
+  const rows = [
+    ...bgp.peers.map((p) => ["peer " + p.address, "AS" + p.asn, p.state,
+      p.routes_exported + " route(s) announced" + (p.last_error ? " (" + p.last_error + ")" : "")]),
+    ...bgp.vips.map((v) => ["vip " + v.prefix, "", v.announced ? "announced" : "withdrawn", v.reason]),
+  ];
+  const text = JSON.stringify([node, rows]);
+  if (section.dataset.text !== text) {
+    section.dataset.text = text;
+    section.replaceChildren(
+      el("h2", {}, "BGP ", el("small", {}, "AS" + bgp.asn + " via " + bgp.speaker + " · node " + node)),
+      el("table", { class: "bgp" }, el("tbody", {}, ...rows.map((cells) =>
+        el("tr", { "data-state": cells[2] }, ...cells.map((c) => el("td", {}, c)))))));
+  }
+  for (const p of bgp.peers) {
+    if (!p.established) alerts.push("BGP peer " + p.address + " " + p.state);
+  }
+  for (const v of bgp.vips) {
+    if (!v.announced && !bgp.node.drained) alerts.push(v.prefix + " withdrawn: " + v.reason);
+  }
 }
 
 // -- one backend's detail: health history, weights, drain -----------------------------
