@@ -30,6 +30,7 @@ from passlb.api.server import build_app, start_api
 from passlb.api.telemetry import SERVICE_TOTAL, FlowCount, Telemetry
 from passlb.api.views import StatusSnapshot, read_counters, status_document
 from passlb.bgp.agent import BgpAgent
+from passlb.bgp.bird import EventSink
 from passlb.config import load_config
 from passlb.control.reconciler import ApplyRecord, Reconciler, assume_all_healthy
 from passlb.dataplane.base import Driver, Flow, describe_repairs
@@ -125,7 +126,7 @@ def start_only_changes(running: Config, loaded: Config) -> list[str]:
     return [name for name, (old, new) in settings.items() if old != new]
 
 
-def build_bgp_agent(config: Config, on_event: Any) -> BgpAgent | None:
+def build_bgp_agent(config: Config, on_event: EventSink) -> BgpAgent | None:
     """The BGP agent and its speaker when the config has [bgp] (SpeakerError:
     the speaker is not installed)."""
     if config.bgp is None:
