@@ -278,6 +278,8 @@ class BirdSpeaker:
             return
         with contextlib.suppress(SpeakerError):
             await self.withdraw_all()
+            exported = ", ".join(f"{p.address}={p.exported}" for p in await self.peers())
+            log.info("bgp: every VIP withdrawn before BIRD stops (routes exported: %s)", exported)
         pid = self._pid
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
