@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from array import array
 
+import pytest
+
+from passlb.dataplane.nft.netlink import read_whole
 from passlb.dataplane.nft.setelem import _ADD, _DUMPED, _elements, ring_from_dump
+from passlb.errors import DataplaneError
 
 
 def _message(slots: list[int], ids: list[int], template: array[int] = _DUMPED) -> bytes:
@@ -43,3 +47,10 @@ def test_a_dump_that_met_a_resize_repeats_slots_and_is_not_whole() -> None:
 def test_a_dump_with_a_hole_is_not_whole() -> None:
     _, whole = ring_from_dump(_dump(_message([3, 1, 0], [7, 8, 7]), _message([5, 4], [9, 8])))
     assert not whole
+
+
+def test_a_dump_is_read_again_until_whole_and_given_up_on_after_a_bound() -> None:
+    answers = iter([([1, 1], False), ([1, 2], True)])
+    assert read_whole(lambda: next(answers), "map ring_web") == [1, 2]
+    with pytest.raises(DataplaneError, match="map ring_web was resized"):
+        read_whole(lambda: ([1, 1], False), "map ring_web")

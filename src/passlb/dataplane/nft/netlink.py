@@ -64,7 +64,7 @@ NFTA_SET_ELEM_DATA = 2
 NFTA_DATA_VALUE = 1
 
 REPLY_TIMEOUT = 5.0  # seconds; the kernel answers a dump at once
-RING_READ_TRIES = 20  # a resize under a dump is rare and runs once (ring(), below)
+READ_TRIES = 20  # a resize under a set dump is rare and runs once (read_whole)
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10  # acknowledgements without the request echoed back
 FAMILIES = {"ip": 2, "ip6": 10, "inet": 1, "netdev": 5, "arp": 3, "bridge": 7}
@@ -198,11 +198,18 @@ class NetlinkReader:
         return sets_from(self._dump(NFT_MSG_GETSET, NFT_MSG_NEWSET, family, attributes))
 
     def elements(self, family: str, table: str, info: SetInfo) -> list[Element]:
-        """The elements of one set, as nft prints them."""
+        """The elements of one set, as nft prints them (read again, as a ring is,
+        when a resize made the dump repeat elements; a flow table, which changes
+        under any read, is taken as it comes)."""
         attributes = attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
         attributes += attr(NFTA_SET_ELEM_LIST_SET, info.decl.name.encode() + b"\0")
-        parts = self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
-        return elements_from(info, parts)
+
+        def read() -> tuple[list[Element], bool]:
+            dump = self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
+            found = elements_from(info, dump)
+            return found, info.decl.is_dynamic or len({e.key for e in found}) == len(found)
+
+        return read_whole(read, f"table {table}: set {info.decl.name}")
 
     def ring(self, family: str, table: str, set_name: str) -> RingValues:
         """slot -> id of a ring map (0 where a slot has no element).
@@ -212,14 +219,11 @@ class NetlinkReader:
         """
         attributes = attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
         attributes += attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
-        for _ in range(RING_READ_TRIES):
-            dump = self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
-            ring, whole = ring_from_dump(dump)
-            if whole:
-                return ring
-        raise DataplaneError(
-            f"nfnetlink: table {table}: map {set_name} was resized under "
-            f"{RING_READ_TRIES} reads in a row"
+        return read_whole(
+            lambda: ring_from_dump(
+                self._dump(NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM, family, attributes)
+            ),
+            f"table {table}: map {set_name}",
         )
 
     def write_rings(
@@ -275,6 +279,18 @@ class NetlinkReader:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def read_whole(read: Callable[[], tuple[T, bool]], what: str) -> T:
+    """What `read` returns once it says the dump was whole. A set dump restarts
+    its walk for each message; a resize of the kernel's hash table between two
+    messages makes it repeat elements and miss others. The resize runs once,
+    right after a big write, so the next dump is whole."""
+    for _ in range(READ_TRIES):
+        found, whole = read()
+        if whole:
+            return found
+    raise DataplaneError(f"nfnetlink: {what} was resized under {READ_TRIES} reads in a row")
 
 
 def _batch_reply(buffer: bytes, first: int, last: int) -> tuple[tuple[int, int] | None, bool]:
